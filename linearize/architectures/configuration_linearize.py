@@ -1,0 +1,51 @@
+"""Configs of converted checkpoints: the teacher family's config plus a `linearize` section.
+
+One subclass per supported teacher family, so every field the family's modules read is there.
+`linearize` holds the plan: {"mixer", "feature_map", "softmax_layers", "eps", "teacher_model_type"}.
+`layer_types` marks converted layers "linear_attention", which gives them recurrent-state cache layers.
+"""
+
+from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+
+class LinearizeLlamaConfig(LlamaConfig):
+    model_type = "linearize_llama"
+
+
+class LinearizeQwen2Config(Qwen2Config):
+    model_type = "linearize_qwen2"
+
+
+class LinearizeQwen3Config(Qwen3Config):
+    model_type = "linearize_qwen3"
+
+
+class LinearizeMistralConfig(MistralConfig):
+    model_type = "linearize_mistral"
+
+
+CONFIG_CLASSES = {
+    "llama": LinearizeLlamaConfig,
+    "qwen2": LinearizeQwen2Config,
+    "qwen3": LinearizeQwen3Config,
+    "mistral": LinearizeMistralConfig,
+}
+
+
+def softmax_layer_type(config) -> str:
+    """Cache/mask type of a kept softmax layer in this family."""
+    return "sliding_attention" if getattr(config, "sliding_window", None) and config.model_type.endswith(
+        "mistral"
+    ) else "full_attention"
+
+
+def linearized_layer_types(config, spec: dict) -> list[str]:
+    kept = set(spec.get("softmax_layers", []))
+    original = getattr(config, "layer_types", None)
+    types = []
+    for i in range(config.num_hidden_layers):
+        if i in kept:
+            types.append(original[i] if original else softmax_layer_type(config))
+        else:
+            types.append("linear_attention")
+    return types

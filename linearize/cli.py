@@ -1,0 +1,75 @@
+"""`linearize <command> key=value ...`: the one place that parses arguments and dispatches."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: linearize <command> [recipe=NAME|path.yaml] [key=value ...]
+
+commands:
+  convert     run the whole pipeline (stages attention and logits, evaluation, export)
+  recipes     list the shipped recipes
+  options     list every recipe key with its default and meaning
+
+examples:
+  linearize convert                                  # bundled tiny teacher, offline
+  linearize convert recipe=tiny stages.attention.steps=50 student.feature_map=t2r
+"""
+
+
+def parse_pairs(args: list[str]) -> dict[str, str]:
+    pairs = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: expected key=value, got {arg!r}\n\n{USAGE}")
+        if key in pairs:
+            raise SystemExit(f"error: {key} is given twice")
+        pairs[key] = value
+    return pairs
+
+
+def cmd_recipes(_: dict[str, str]) -> None:
+    import yaml
+
+    from linearize.config import shipped_recipes
+
+    for name, path in sorted(shipped_recipes().items()):
+        description = (yaml.safe_load(path.read_text()) or {}).get("description", "")
+        print(f"{name:<28}{description}")
+
+
+def cmd_options(_: dict[str, str]) -> None:
+    from linearize.config import describe
+
+    for key, default, doc in describe():
+        print(f"{key:<34}{default:<24}{doc}")
+
+
+def cmd_convert(pairs: dict[str, str]) -> None:
+    from linearize.config import load_recipe
+    from linearize.convert.pipeline import convert
+
+    recipe_name = pairs.pop("recipe", None)
+    convert(load_recipe(recipe_name, pairs))
+
+
+COMMANDS = {"convert": cmd_convert, "recipes": cmd_recipes, "options": cmd_options}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command, *rest = argv
+    if command not in COMMANDS:
+        raise SystemExit(f"error: unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+    from linearize.config import RecipeError
+    from linearize.convert.teachers import TeacherError
+    from linearize.distill.data import DataError
+
+    try:
+        COMMANDS[command](parse_pairs(rest))
+    except (RecipeError, TeacherError, DataError) as err:
+        raise SystemExit(f"error: {err}") from None

@@ -1,0 +1,380 @@
+"""The recipe: a typed tree of dataclasses. YAML is only its serialisation.
+
+Every field has a docstring (the string literal under it); `describe()` reads them back for error
+messages and `linearize recipes`. An unknown key, a wrong type or a bad value is a `RecipeError`
+raised before any work, naming the field and the valid choices.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: the message names the field and what would be valid."""
+
+
+@dataclass(kw_only=True)
+class TeacherConfig:
+    path: str = "bundled:stories260K"
+    """Hugging Face Hub id or local folder of the teacher; `bundled:stories260K` is the tiny teacher
+    shipped inside the package."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the teacher's weights are loaded in."""
+
+
+@dataclass(kw_only=True)
+class StudentConfig:
+    mixer: str = "linear"
+    """Mixer that replaces softmax attention in converted layers (see `linearize.architectures.MIXERS`)."""
+    feature_map: str = "hedgehog"
+    """Feature map of the linear mixer (see `linearize.architectures.FEATURE_MAPS`)."""
+    softmax_layers: list[int] = field(default_factory=list)
+    """Layer indices that keep the teacher's softmax attention; empty converts every layer."""
+    eps: float = 1e-6
+    """Added to the linear-attention denominator (the division is done in float32)."""
+
+    def __post_init__(self) -> None:
+        from linearize.architectures import FEATURE_MAPS, MIXERS
+
+        _check_choice("student.mixer", self.mixer, sorted(MIXERS))
+        _check_choice("student.feature_map", self.feature_map, sorted(FEATURE_MAPS))
+        if any(i < 0 for i in self.softmax_layers):
+            raise RecipeError(f"student.softmax_layers must hold layer indices >= 0, got {self.softmax_layers}")
+        if self.eps <= 0:
+            raise RecipeError(f"student.eps must be > 0, got {self.eps}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train: list[str] = field(default_factory=lambda: ["bundled:tinystories_docs.txt"])
+    """Training text: local .txt/.jsonl/.json/.parquet files, a Hub dataset name (`hub:NAME`), or
+    `bundled:tinystories_docs.txt`."""
+    heldout: list[str] = field(default_factory=list)
+    """Held-out text for evaluation; empty means the last `heldout_docs` documents of `train`."""
+    heldout_docs: int = 49
+    """When `heldout` is empty: how many of the last training documents are held out."""
+    text_field: str = "text"
+    """Column holding the text in JSONL/parquet/Hub data."""
+    doc_separator: str = "<|endoftext|>"
+    """A line equal to this separates documents inside a .txt file."""
+    seq_len: int = 256
+    """Tokens per packed training block."""
+    add_bos: bool = True
+    """Prepend the tokenizer's BOS token to every document (when it has one)."""
+
+    def __post_init__(self) -> None:
+        if not self.train:
+            raise RecipeError("data.train is empty: give at least one file, `hub:NAME` or `bundled:...`")
+        if self.seq_len < 2:
+            raise RecipeError(f"data.seq_len must be >= 2, got {self.seq_len}")
+        if self.heldout_docs < 0:
+            raise RecipeError(f"data.heldout_docs must be >= 0, got {self.heldout_docs}")
+
+
+@dataclass(kw_only=True)
+class StageConfig:
+    steps: int = 100
+    """Optimizer steps in this stage (0 skips the stage)."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    warmup_steps: int = 10
+    """Linear warmup steps, then cosine decay to `min_lr_ratio * lr`."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+    batch_size: int = 8
+    """Blocks per micro-batch (per process)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables clipping)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise RecipeError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise RecipeError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise RecipeError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise RecipeError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass(kw_only=True)
+class AttentionStageConfig(StageConfig):
+    """Stage 1: every student mixer sees the teacher's layer input; loss = sum over layers of
+    MSE(student attention output, teacher attention output); only the mixers' new parameters train."""
+
+
+@dataclass(kw_only=True)
+class LogitsStageConfig(StageConfig):
+    """Stage 2: KL(teacher || student) on logits, plus optional cross-entropy."""
+
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    temperature: float = 1.0
+    """Softmax temperature of the KL term (the loss is scaled by temperature**2)."""
+    kl_weight: float = 1.0
+    """Weight of KL(teacher || student)."""
+    ce_weight: float = 0.0
+    """Weight of next-token cross-entropy on the training text."""
+    trainable: Literal["lora", "attention"] = "lora"
+    """`lora`: LoRA on q/k/v/o plus the mixers' new parameters, teacher = same weights with LoRA off and
+    softmax on. `attention`: all attention parameters, teacher = a frozen copy."""
+    lora_r: int = 8
+    """LoRA rank."""
+    lora_alpha: float = 16.0
+    """LoRA alpha."""
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names LoRA wraps inside converted layers."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.temperature <= 0:
+            raise RecipeError(f"stages.logits.temperature must be > 0, got {self.temperature}")
+        if self.kl_weight < 0 or self.ce_weight < 0 or self.kl_weight + self.ce_weight == 0:
+            raise RecipeError("stages.logits.kl_weight and ce_weight must be >= 0 and not both 0")
+        if self.lora_r < 1:
+            raise RecipeError(f"stages.logits.lora_r must be >= 1, got {self.lora_r}")
+
+
+@dataclass(kw_only=True)
+class StagesConfig:
+    attention: AttentionStageConfig = field(default_factory=AttentionStageConfig)
+    """Stage 1: attention-output alignment."""
+    logits: LogitsStageConfig = field(default_factory=LogitsStageConfig)
+    """Stage 2: logit distillation."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Compute precision of the training steps (weights and optimizer state stay fp32)."""
+    checkpoint_every: int = 50
+    """Write a resumable checkpoint every this many optimizer steps (and at each stage's end)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept per stage (at least 2, so a failed save never leaves none)."""
+    log_every: int = 1
+    """Append a metrics line to metrics.jsonl every this many steps."""
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every < 1:
+            raise RecipeError(f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.keep_checkpoints < 2:
+            raise RecipeError(f"train.keep_checkpoints must be >= 2, got {self.keep_checkpoints}")
+        if self.log_every < 1:
+            raise RecipeError(f"train.log_every must be >= 1, got {self.log_every}")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    seq_len: int = 256
+    """Tokens per held-out perplexity block."""
+    max_blocks: int = 0
+    """Evaluate at most this many held-out blocks (0: all)."""
+    batch_size: int = 8
+    """Blocks per evaluation batch."""
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    name: str = "tiny"
+    """Name of the run; the default output folder is `out/<name>`."""
+    description: str = ""
+    """One line shown by `linearize recipes`."""
+    seed: int = 0
+    """Seeds parameter init, data order and LoRA init: a recipe fully determines a run."""
+    output_dir: str = ""
+    """Run folder (checkpoints, metrics, final export); empty means `out/<name>`."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """The softmax-attention model to convert."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    """What replaces attention, and where."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Distillation and held-out text."""
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    """The distillation stages, run in order: attention, logits."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Precision, checkpointing and logging."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation run at the end of `linearize convert`."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or f"out/{self.name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self) -> str:
+        """Short hash of the resolved recipe, recorded in exported weights' metadata."""
+        return hashlib.sha256(self.to_yaml().encode()).hexdigest()[:16]
+
+
+def _check_choice(name: str, value: str, choices: list[str]) -> None:
+    if value not in choices:
+        raise RecipeError(f"{name}={value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Docstrings of a dataclass's fields (the string literal under each field), inherited ones too."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`, converting where the conversion is lossless."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{path} must be a mapping of {sorted(f.name for f in dataclasses.fields(tp))}")
+        return _build(tp, value, path)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise RecipeError(f"{path}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # `key=a` on the command line for a one-item list
+        if not isinstance(value, list):
+            raise RecipeError(f"{path} must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(f"{path}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(path, value, option)
+            except RecipeError:
+                continue
+        raise RecipeError(f"{path}={value!r} does not match {tp}")
+    if tp is type(None):
+        if value is not None:
+            raise RecipeError(f"{path} must be null")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{path} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{path} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{path} must be a string, got {value!r}")
+        return value
+    raise RecipeError(f"{path}: unsupported annotation {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = prefix or "the recipe"
+        raise RecipeError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; valid keys: {', '.join(names)}")
+    kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, v, hints[k]) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except RecipeError as err:
+        if prefix and not str(err).startswith(prefix):
+            raise RecipeError(f"{prefix}.{err}") from None
+        raise
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"cannot set {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Name → path of every recipe shipped inside the package."""
+    folder = resources.files("linearize") / "recipes"
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def load_recipe(name_or_path: str | None = None, overrides: dict[str, str] | None = None) -> Recipe:
+    """Resolve a recipe: a shipped name or a YAML path, then dotted `key=value` overrides.
+
+    Override values are parsed as YAML scalars/lists (`stages.attention.steps=50`,
+    `student.softmax_layers=[0,3]`) and go through the same validation as the file.
+    """
+    name_or_path = name_or_path or "tiny"
+    shipped = shipped_recipes()
+    if name_or_path in shipped:
+        path = shipped[name_or_path]
+    elif name_or_path.endswith((".yaml", ".yml")):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist")
+    else:
+        raise RecipeError(f"unknown recipe {name_or_path!r}; shipped recipes: {', '.join(sorted(shipped))} (or a .yaml path)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path} must hold a mapping of recipe keys")
+    for key, raw in (overrides or {}).items():
+        _set_dotted(data, key, yaml.safe_load(raw) if isinstance(raw, str) else raw)
+    return _build(Recipe, data)
+
+
+def describe(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, docstring) of every field, for help output."""
+    rows = []
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe(hints[f.name], key + ".")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((key, repr(default), docs.get(f.name, "")))
+    return rows

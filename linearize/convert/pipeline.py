@@ -1,0 +1,157 @@
+"""`linearize convert`: teacher → swap → stage attention → stage logits → evaluate → export.
+
+Every stage ends in a complete `final/` folder; a rerun of the same command skips finished stages,
+resumes an interrupted one from its newest complete checkpoint, and reuses evaluations already made.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from linearize.config import Recipe, RecipeError
+from linearize.convert.export import export
+from linearize.convert.swap import plan_for, swap
+from linearize.convert.teachers import load_teacher
+from linearize.distill import checkpoint
+from linearize.distill.data import build_splits
+from linearize.distill.loop import MetricsLog, make_accelerator, train_stage
+from linearize.distill.stages import attention_stage, logits_stage
+from linearize.evals.perplexity import perplexity
+
+STAGES = ("attention", "logits")
+
+
+class EvalLog:
+    """eval.json of a run: named results, computed once (a resumed run reuses them)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+        self.results: dict = json.loads(path.read_text()) if path.is_file() else {}
+
+    def get(self, name: str, compute):
+        if name not in self.results:
+            self.results[name] = compute()
+            if self.enabled:
+                self.path.write_text(json.dumps(self.results, indent=1))
+        return self.results[name]
+
+
+def claim_run_dir(recipe: Recipe, is_main: bool) -> Path:
+    """Create the run folder, or check that the one there belongs to this same recipe."""
+    run_dir = recipe.run_dir
+    saved = run_dir / "recipe.yaml"
+    if saved.is_file() and saved.read_text() != recipe.to_yaml():
+        raise RecipeError(
+            f"{run_dir} holds a run of a different recipe (see {saved}); rerun with the same recipe and "
+            f"overrides to resume, set output_dir=<new folder>, or delete {run_dir}"
+        )
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved.write_text(recipe.to_yaml())
+    return run_dir
+
+
+def save_weights(model: torch.nn.Module, folder: Path, recipe: Recipe, is_main: bool, barrier) -> None:
+    from safetensors.torch import save_model
+
+    checkpoint.write_atomic(
+        folder,
+        lambda tmp: save_model(model, str(tmp / "model.safetensors")) if is_main else None,
+        info={"recipe_hash": recipe.hash()},
+        is_main=is_main,
+        barrier=barrier,
+    )
+    if is_main:
+        (folder / "recipe.yaml").write_text(recipe.to_yaml())
+
+
+def load_weights(model: torch.nn.Module, folder: Path) -> None:
+    from safetensors.torch import load_model
+
+    load_model(model, str(folder / "model.safetensors"))
+
+
+def build_student(recipe: Recipe, teacher_state: dict, teacher, plan: dict) -> torch.nn.Module:
+    """A fresh student: the teacher's weights restored, then swapped (new parameters seeded)."""
+    teacher.load_state_dict(teacher_state)
+    torch.manual_seed(recipe.seed)
+    return swap(teacher, plan)
+
+
+def convert(recipe: Recipe) -> Path:
+    """Run the whole pipeline for `recipe`; returns the exported folder."""
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(recipe)
+    is_main = accelerator.is_main_process
+    accelerator.print(f"processes={accelerator.num_processes} backend={accelerator.state.backend or 'none'} "
+                      f"device={accelerator.device}")
+    set_seed(recipe.seed)
+    run_dir = claim_run_dir(recipe, is_main)
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=is_main)
+    evals = EvalLog(run_dir / "eval.json", enabled=is_main)
+
+    teacher, tokenizer = load_teacher(recipe.teacher.path, recipe.teacher.dtype)
+    plan = plan_for(recipe.student, teacher.config)
+    splits = build_splits(recipe.data, tokenizer)
+    accelerator.print(f"data: {splits.train.shape[0]} training blocks of {splits.train.shape[1]} tokens, "
+                      f"{len(splits.heldout)} held-out documents")
+    teacher = teacher.to(accelerator.device)
+
+    def ppl(model):
+        return perplexity(model, splits.heldout, recipe.eval.seq_len, recipe.eval.batch_size, recipe.eval.max_blocks)
+
+    if splits.heldout:
+        evals.get("teacher", lambda: ppl(teacher))
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    frozen = copy.deepcopy(teacher).eval() if recipe.stages.logits.trainable == "attention" else None
+
+    student = build_student(recipe, teacher_state, teacher, plan)
+    if splits.heldout:
+        evals.get("student_untrained", lambda: ppl(student))
+    tokens: dict[str, int] = {}
+    for stage in STAGES:
+        cfg = getattr(recipe.stages, stage)
+        stage_dir = run_dir / stage
+        final = stage_dir / "final"
+        tokens[stage] = cfg.steps * cfg.batch_size * cfg.grad_accum * accelerator.num_processes * recipe.data.seq_len
+        if checkpoint.is_complete(final):
+            accelerator.print(f"[{stage}] already done: loading {final}")
+            load_weights(student, final)
+        elif cfg.steps > 0:
+            if stage == "attention":
+                model, loss_fn = student, attention_stage(student)
+            else:
+                torch.manual_seed(recipe.seed + 1)  # LoRA init, identical on a resumed run
+                model, loss_fn = logits_stage(student, cfg, frozen)
+            result = train_stage(name=stage, cfg=cfg, recipe=recipe, model=model, loss_fn=loss_fn,
+                                 blocks=splits.train, stage_dir=stage_dir, log=log, accelerator=accelerator)
+            model = accelerator.unwrap_model(model)
+            if model is not student:  # LoRA: fold the adapters into the weights
+                model.merge_and_unload()
+            student.requires_grad_(False)
+            save_weights(student, final, recipe, is_main, accelerator.wait_for_everyone)
+            accelerator.print(f"[{stage}] done: {result.steps} steps, {result.tokens:,} tokens, "
+                              f"{result.seconds:.1f}s, last loss {result.last_loss:.4g}")
+        if splits.heldout:
+            evals.get(f"student_after_{stage}", lambda: ppl(student))
+
+    out = export(student, tokenizer, plan, recipe, run_dir / "final", evals.results, tokens) if is_main \
+        else run_dir / "final"
+    accelerator.wait_for_everyone()
+    print_report(evals.results, accelerator.print)
+    accelerator.print(f"exported to {out}")
+    return out
+
+
+def print_report(results: dict, out=print) -> None:
+    if "teacher" not in results:
+        return
+    base = results["teacher"]["ppl"]
+    out(f"{'held-out perplexity':<28}{'ppl':>10}{'x teacher':>12}")
+    for name, r in results.items():
+        out(f"{name:<28}{r['ppl']:>10.3f}{r['ppl'] / base:>12.2f}")

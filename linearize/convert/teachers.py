@@ -1,0 +1,105 @@
+"""Teacher families: one small adapter per `config.model_type`, and teacher loading.
+
+The mixers compute the teacher's softmax attention with the family's own attention class, so an
+adapter only has to say what the family has that matters to conversion, and to check that a config
+is one we can convert before any weights are loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+BUNDLED_PREFIX = "bundled:"
+
+
+class TeacherError(ValueError):
+    """A teacher that cannot be converted: the message says why and what is supported."""
+
+
+@dataclass(frozen=True)
+class TeacherFamily:
+    model_type: str
+    qkv_bias: bool
+    """q/k/v projections carry biases (Qwen2)."""
+    qk_norm: bool
+    """Per-head RMSNorm on q and k before RoPE (Qwen3)."""
+    sliding_window: bool
+    """Softmax attention may be restricted to a window (Mistral, Qwen2/3 when enabled)."""
+
+    def check(self, config) -> None:
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+        if heads % kv_heads:
+            raise TeacherError(f"{self.model_type}: {heads} attention heads are not a multiple of {kv_heads} KV heads")
+        rope = getattr(config, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
+        if rope_type not in SUPPORTED_ROPE:
+            raise TeacherError(
+                f"{self.model_type}: rope_type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE)}"
+            )
+
+
+# RoPE variants only change cos/sin, which the mixers take from the model's rotary module as they are.
+SUPPORTED_ROPE = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+
+FAMILIES: dict[str, TeacherFamily] = {
+    "llama": TeacherFamily(model_type="llama", qkv_bias=False, qk_norm=False, sliding_window=False),
+    "qwen2": TeacherFamily(model_type="qwen2", qkv_bias=True, qk_norm=False, sliding_window=True),
+    "qwen3": TeacherFamily(model_type="qwen3", qkv_bias=False, qk_norm=True, sliding_window=True),
+    "mistral": TeacherFamily(model_type="mistral", qkv_bias=False, qk_norm=False, sliding_window=True),
+}
+
+
+def family_of(config) -> TeacherFamily:
+    """The adapter for `config.model_type`; any other family is an error listing the supported ones."""
+    family = FAMILIES.get(config.model_type)
+    if family is None:
+        raise TeacherError(
+            f"teacher family {config.model_type!r} is not supported; supported: {', '.join(sorted(FAMILIES))}"
+        )
+    family.check(config)
+    return family
+
+
+def bundled_path(name: str) -> Path:
+    """Path of a file or folder shipped in `linearize/assets`."""
+    path = Path(str(resources.files("linearize") / "assets" / name))
+    if not path.exists():
+        shipped = sorted(p.name for p in resources.files("linearize").joinpath("assets").iterdir())
+        raise FileNotFoundError(f"no bundled asset {name!r}; bundled: {', '.join(shipped)}")
+    return path
+
+
+def resolve_path(path: str) -> str:
+    """`bundled:NAME` → the packaged folder; a local path is checked; anything else is a Hub id."""
+    if path.startswith(BUNDLED_PREFIX):
+        return str(bundled_path(path[len(BUNDLED_PREFIX) :]))
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise TeacherError(f"teacher folder {local} has no config.json: is it a Hugging Face model folder?")
+        return str(local)
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise TeacherError(f"teacher {path!r} is neither an existing folder nor a Hub id like 'org/name'")
+    return path
+
+
+def load_teacher(path: str, dtype: str = "float32"):
+    """(model, tokenizer) of a supported teacher; the family is checked before weights are read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_path(path)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as err:
+        raise TeacherError(
+            f"cannot read the config of teacher {path!r} ({err.__class__.__name__}); offline, give a local folder "
+            f"with teacher.path=<folder>"
+        ) from None
+    family_of(config)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return model, tokenizer

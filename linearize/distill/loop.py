@@ -1,0 +1,162 @@
+"""The training loop: one function, top to bottom — prepare, resume, step, log, checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from linearize.config import Recipe, StageConfig
+from linearize.distill import checkpoint
+from linearize.distill.data import batch_indices
+
+# Test hook: "STAGE:STEP" makes the process SIGKILL itself right after that optimizer step, so tests
+# can check that a rerun resumes to the same result as an uninterrupted run.
+FAULT_ENV = "LINEARIZE_FAULT_AFTER_STEP"
+
+
+class TrainingError(RuntimeError):
+    """A step produced something training cannot continue from (a NaN loss, say)."""
+
+
+@dataclass
+class StageResult:
+    steps: int
+    tokens: int
+    last_loss: float | None
+    seconds: float
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, appended by the main process."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+
+    def append(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def drop_after(self, stage: str, step: int) -> None:
+        """Forget lines a killed run logged past the checkpoint it resumes from (they are replayed)."""
+        if self.enabled and self.path.is_file():
+            keep = [r for r in self.records() if not (r.get("stage") == stage and r.get("step", 0) > step)]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def make_accelerator(recipe: Recipe):
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision="bf16" if recipe.train.precision == "bf16" else "no")
+
+
+def train_stage(
+    *,
+    name: str,
+    cfg: StageConfig,
+    recipe: Recipe,
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+    blocks: torch.Tensor,
+    stage_dir: Path,
+    log: MetricsLog,
+    accelerator,
+) -> StageResult:
+    """Train `model`'s parameters that require grad for `cfg.steps` optimizer steps, resuming from the
+    newest complete checkpoint under `stage_dir/checkpoints` if there is one.
+
+    `loss_fn(prepared_model, input_ids)` returns the scalar loss of one micro-batch [batch, seq].
+    """
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError(f"stage {name}: nothing to train (no parameter requires grad)")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, cfg.warmup_steps, max(cfg.steps, 1), min_lr_rate=cfg.min_lr_ratio
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ckpt_root = stage_dir / "checkpoints"
+    start, last_loss = 0, None
+    found = checkpoint.latest(ckpt_root)
+    if found is not None:
+        # The batch of a step is a pure function of (seed, step): nothing draws random numbers between
+        # here and the first step, so the restored RNG state is exactly the one the killed run had.
+        accelerator.load_state(str(found[1]))
+        info = json.loads((found[1] / checkpoint.MARKER).read_text())
+        start, last_loss = info["step"], info.get("loss")
+        accelerator.print(f"[{name}] resuming from {found[1]} (step {start}/{cfg.steps})")
+    log.drop_after(name, start)
+
+    per_process = cfg.batch_size
+    global_batch = per_process * accelerator.num_processes
+    rank = accelerator.process_index
+    tokens_per_step = global_batch * cfg.grad_accum * blocks.shape[1]
+    fault = os.environ.get(FAULT_ENV, "")
+    began = time.perf_counter()
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=start, desc=name, disable=not accelerator.is_main_process, unit="step")
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        step_loss = torch.zeros((), device=accelerator.device)
+        for micro in range(cfg.grad_accum):
+            idx = batch_indices(len(blocks), global_batch, step * cfg.grad_accum + micro, recipe.seed)
+            batch = blocks[idx[rank * per_process : (rank + 1) * per_process]].to(accelerator.device)
+            sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext()
+            with sync:
+                with accelerator.autocast():
+                    loss = loss_fn(model, batch)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"stage {name}: loss is {loss.item()} at step {step + 1}; lower stages.{name}.lr, "
+                        "use train.precision=fp32, or check the data for empty blocks"
+                    )
+                accelerator.backward(loss / cfg.grad_accum)
+            step_loss += loss.detach() / cfg.grad_accum
+        if cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        last_loss = accelerator.reduce(step_loss, reduction="mean").item()
+        done = step + 1
+        tok_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix(loss=f"{last_loss:.4g}", tok_s=f"{tok_s:,.0f}")
+        bar.update(1)
+        if done % recipe.train.log_every == 0 or done == cfg.steps:
+            log.append({"stage": name, "step": done, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
+                        "tokens": done * tokens_per_step, "tok_s": tok_s})
+        if done % recipe.train.checkpoint_every == 0 or done == cfg.steps:
+            _save(accelerator, ckpt_root, done, name, last_loss, recipe.train.keep_checkpoints)
+        if fault == f"{name}:{done}":
+            os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+    accelerator.free_memory()
+    return StageResult(cfg.steps, cfg.steps * tokens_per_step, last_loss, time.perf_counter() - began)
+
+
+def _save(accelerator, root: Path, step: int, stage: str, loss: float | None, keep: int) -> None:
+    checkpoint.write_atomic(
+        checkpoint.step_dir(root, step),
+        lambda tmp: accelerator.save_state(str(tmp)),
+        info={"stage": stage, "step": step, "loss": loss},
+        is_main=accelerator.is_main_process,
+        barrier=accelerator.wait_for_everyone,
+    )
+    if accelerator.is_main_process:
+        checkpoint.prune(root, keep)

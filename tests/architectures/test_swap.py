@@ -1,0 +1,71 @@
+import pytest
+import torch
+from conftest import tiny_config, tiny_model
+
+from linearize.architectures.mixers import LinearMixer, SoftmaxMixer, mode
+from linearize.config import RecipeError, StudentConfig
+from linearize.convert.swap import plan_for, swap
+from linearize.convert.teachers import TeacherError, family_of
+
+
+def make_plan(config, **student):
+    return plan_for(StudentConfig(**student), config)
+
+
+def test_softmax_swap_keeps_teacher_logits(family):
+    """Swap invariance: the softmax mixer reproduces the teacher exactly, in every family."""
+    teacher = tiny_model(family)
+    ids = torch.randint(0, 512, (2, 40))  # longer than Mistral's window of 16
+    with torch.no_grad():
+        expected = teacher(ids).logits
+        student = swap(teacher, make_plan(teacher.config, mixer="softmax"))
+        got = student(ids).logits
+    assert all(isinstance(layer.self_attn, SoftmaxMixer) for layer in student.model.layers)
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_teacher_mode_of_linear_student_is_the_teacher(family):
+    teacher = tiny_model(family)
+    ids = torch.randint(0, 512, (1, 33))
+    with torch.no_grad():
+        expected = teacher(ids).logits
+        student = swap(teacher, make_plan(teacher.config))
+        linear = student(ids).logits
+        with mode(student, "teacher"):
+            again = student(ids).logits
+    assert (again - expected).abs().max().item() <= 1e-5
+    assert (linear - expected).abs().max().item() > 1e-3  # the linear student really differs
+
+
+def test_swap_reuses_teacher_projections_and_keeps_state_dict_keys(family):
+    teacher = tiny_model(family)
+    q_proj = teacher.model.layers[0].self_attn.q_proj
+    keys = set(teacher.state_dict())
+    student = swap(teacher, make_plan(teacher.config, softmax_layers=[1]))
+    layers = student.model.layers
+    assert layers[0].self_attn.q_proj is q_proj
+    assert isinstance(layers[0].self_attn, LinearMixer) and isinstance(layers[1].self_attn, SoftmaxMixer)
+    new = set(student.state_dict()) - keys
+    assert keys <= set(student.state_dict())
+    assert new and all(".feature_map_" in k for k in new)
+    assert not any(k.startswith("model.layers.1.") for k in new)
+
+
+def test_swap_twice_is_an_error():
+    teacher = tiny_model("llama")
+    plan = make_plan(teacher.config)
+    swap(teacher, plan)
+    with pytest.raises(ValueError, match="already converted"):
+        swap(teacher, plan)
+
+
+def test_unsupported_family_names_supported_ones():
+    from transformers import GPT2Config
+
+    with pytest.raises(TeacherError, match="llama, mistral, qwen2, qwen3"):
+        family_of(GPT2Config())
+
+
+def test_softmax_layers_out_of_range():
+    with pytest.raises(RecipeError, match=r"out of range: the teacher has 3 layers"):
+        make_plan(tiny_config("llama"), softmax_layers=[3])

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny random models of every supported family (a few thousand parameters)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+FAMILIES = ["llama", "llama3_rope", "qwen2", "qwen3", "mistral"]
+
+
+def tiny_config(family: str):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=512, tie_word_embeddings=False,
+    )
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "llama3_rope":  # Llama 3.1 rope scaling
+        return LlamaConfig(**common, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    if family == "qwen2":  # q/k/v biases
+        return Qwen2Config(**common)
+    if family == "qwen3":  # q/k RMSNorm
+        return Qwen3Config(**common)
+    if family == "mistral":  # sliding window smaller than the test sequences
+        return MistralConfig(**common, sliding_window=16)
+    raise KeyError(family)
+
+
+def tiny_model(family: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="sdpa")
+    if family == "qwen2":  # random init leaves biases at zero: make them matter
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    return model.eval()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param

@@ -1,0 +1,41 @@
+import subprocess
+import sys
+
+import pytest
+
+from linearize.cli import main
+
+
+def test_recipes_lists_every_shipped_recipe(capsys):
+    main(["recipes"])
+    out = capsys.readouterr().out
+    assert out.startswith("") and "tiny" in out
+
+
+def test_options_lists_documented_keys(capsys):
+    main(["options"])
+    assert "stages.attention.steps" in capsys.readouterr().out
+
+
+def test_bad_input_is_a_clear_error_not_a_traceback():
+    with pytest.raises(SystemExit, match="unknown command 'convrt'"):
+        main(["convrt"])
+    with pytest.raises(SystemExit, match="expected key=value"):
+        main(["convert", "tiny"])
+    with pytest.raises(SystemExit, match=r"error: unknown key stages\.attention\.stepz"):
+        main(["convert", "stages.attention.stepz=3"])
+    with pytest.raises(SystemExit, match=r"error: .*does not exist"):
+        main(["convert", "data.train=/nonexistent/file.txt", "output_dir=/tmp/linearize-bad-data"])
+    with pytest.raises(SystemExit, match=r"error: teacher .* neither an existing folder nor a Hub id"):
+        main(["convert", "teacher.path=./no/such/dir", "output_dir=/tmp/linearize-bad-teacher"])
+
+
+def test_import_is_light():
+    code = "import sys, linearize; print(' '.join(m for m in ('triton', 'fla', 'deepspeed', 'lm_eval', 'peft') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ""
+
+
+def test_python_dash_m_works():
+    proc = subprocess.run([sys.executable, "-m", "linearize", "recipes"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "tiny" in proc.stdout
