@@ -52,7 +52,9 @@ class StudentConfig:
         _check_choice("student.mixer", self.mixer, sorted(MIXERS))
         _check_choice("student.feature_map", self.feature_map, sorted(FEATURE_MAPS))
         if any(i < 0 for i in self.softmax_layers):
-            raise RecipeError(f"student.softmax_layers must hold layer indices >= 0, got {self.softmax_layers}")
+            raise RecipeError(
+                f"student.softmax_layers must hold layer indices >= 0, got {self.softmax_layers}"
+            )
         if self.eps <= 0:
             raise RecipeError(f"student.eps must be > 0, got {self.eps}")
 
@@ -315,7 +317,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     unknown = [k for k in data if k not in names]
     if unknown:
         where = prefix or "the recipe"
-        raise RecipeError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; valid keys: {', '.join(names)}")
+        raise RecipeError(
+            f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; valid keys: {', '.join(names)}"
+        )
     kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, v, hints[k]) for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -356,7 +360,9 @@ def load_recipe(name_or_path: str | None = None, overrides: dict[str, str] | Non
         if not path.is_file():
             raise RecipeError(f"recipe file {path} does not exist")
     else:
-        raise RecipeError(f"unknown recipe {name_or_path!r}; shipped recipes: {', '.join(sorted(shipped))} (or a .yaml path)")
+        raise RecipeError(
+            f"unknown recipe {name_or_path!r}; shipped recipes: {', '.join(sorted(shipped))} (or a .yaml path)"
+        )
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise RecipeError(f"{path} must hold a mapping of recipe keys")

@@ -20,8 +20,15 @@ def test_every_field_is_documented():
 
 
 def test_dotted_overrides_are_typed():
-    r = load_recipe("tiny", {"stages.attention.steps": "50", "stages.logits.lr": "3e-4",
-                             "student.softmax_layers": "[0, 3]", "student.feature_map": "t2r"})
+    r = load_recipe(
+        "tiny",
+        {
+            "stages.attention.steps": "50",
+            "stages.logits.lr": "3e-4",
+            "student.softmax_layers": "[0, 3]",
+            "student.feature_map": "t2r",
+        },
+    )
     assert r.stages.attention.steps == 50 and r.stages.logits.lr == 3e-4
     assert r.student.softmax_layers == [0, 3] and r.student.feature_map == "t2r"
 
@@ -41,7 +48,9 @@ def test_wrong_type_names_the_field():
 
 
 def test_bad_choice_lists_choices():
-    with pytest.raises(RecipeError, match=r"student\.feature_map='hedgehug' is not valid; choose one of: elu, hedgehog, t2r"):
+    with pytest.raises(
+        RecipeError, match=r"student\.feature_map='hedgehug' is not valid; choose one of: elu, hedgehog, t2r"
+    ):
         load_recipe("tiny", {"student.feature_map": "hedgehug"})
     with pytest.raises(RecipeError, match=r"train\.precision='fp8' is not valid; choose one of: fp32, bf16"):
         load_recipe("tiny", {"train.precision": "fp8"})

@@ -34,9 +34,11 @@ CONFIG_CLASSES = {
 
 def softmax_layer_type(config) -> str:
     """Cache/mask type of a kept softmax layer in this family."""
-    return "sliding_attention" if getattr(config, "sliding_window", None) and config.model_type.endswith(
-        "mistral"
-    ) else "full_attention"
+    return (
+        "sliding_attention"
+        if getattr(config, "sliding_window", None) and config.model_type.endswith("mistral")
+        else "full_attention"
+    )
 
 
 def linearized_layer_types(config, spec: dict) -> list[str]:

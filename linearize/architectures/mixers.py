@@ -52,7 +52,9 @@ class Mixer(nn.Module):
 
     def softmax_forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
         """The teacher's attention, computed by its own class with this mixer's weights."""
-        return self.teacher_cls.forward(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
+        return self.teacher_cls.forward(
+            self, hidden_states, position_embeddings, attention_mask, cache, **kwargs
+        )
 
     def student_forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
         raise NotImplementedError
@@ -62,7 +64,9 @@ class Mixer(nn.Module):
             return self.softmax_forward(hidden_states, position_embeddings, attention_mask, cache, **kwargs)
         if self.mode == "align":
             with torch.no_grad():
-                target, _ = self.softmax_forward(hidden_states, position_embeddings, attention_mask, None, **kwargs)
+                target, _ = self.softmax_forward(
+                    hidden_states, position_embeddings, attention_mask, None, **kwargs
+                )
             out = self.student_forward(hidden_states, position_embeddings, attention_mask, None, **kwargs)
             self.alignment_loss = torch.nn.functional.mse_loss(out.float(), target.float())
             return target, None
@@ -120,8 +124,15 @@ class LinearMixer(Mixer):
             v = v.repeat_interleave(groups, dim=2)
         state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
         out, final_state = linear_attn(
-            fq, fk, v, scale=1.0, normalize=True, eps=self.eps, initial_state=state,
-            output_final_state=cache is not None, impl=self.impl,
+            fq,
+            fk,
+            v,
+            scale=1.0,
+            normalize=True,
+            eps=self.eps,
+            initial_state=state,
+            output_final_state=cache is not None,
+            impl=self.impl,
         )
         if cache is not None:
             cache.update_recurrent_state(final_state, self.layer_idx)
@@ -150,7 +161,9 @@ def apply_plan(layers: nn.ModuleList, spec: dict[str, Any]) -> None:
     for idx, layer in enumerate(layers):
         attn = layer.self_attn
         if isinstance(attn, Mixer):
-            raise ValueError(f"layer {idx} is already converted ({type(attn).__name__}); convert the teacher once")
+            raise ValueError(
+                f"layer {idx} is already converted ({type(attn).__name__}); convert the teacher once"
+            )
         layer.self_attn = build_mixer(attn, {**spec, "mixer": layer_mixer_name(spec, idx)})
 
 

@@ -59,8 +59,9 @@ def model_card(recipe: Recipe, plan: dict, evals: dict, tokens: dict) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(
-        base_model=recipe.teacher.path if "/" in recipe.teacher.path and not recipe.teacher.path.startswith(
-            ("/", ".")) else None,
+        base_model=recipe.teacher.path
+        if "/" in recipe.teacher.path and not recipe.teacher.path.startswith(("/", "."))
+        else None,
         library_name="transformers",
         tags=["linearize", "linear-attention", f"mixer-{plan['mixer']}", plan["teacher_model_type"]],
     )
@@ -73,7 +74,7 @@ def model_card(recipe: Recipe, plan: dict, evals: dict, tokens: dict) -> str:
 # {recipe.name}
 
 Converted from `{recipe.teacher.path}` by [linearize](https://github.com/) {linearize.__version__}:
-mixer `{plan['mixer']}`, feature map `{plan['feature_map']}`, softmax kept in layers {plan['softmax_layers'] or 'none'}.
+mixer `{plan["mixer"]}`, feature map `{plan["feature_map"]}`, softmax kept in layers {plan["softmax_layers"] or "none"}.
 
 Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (or after `import linearize`).
 
@@ -94,8 +95,15 @@ Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (
     return str(ModelCard(text))
 
 
-def export(student: torch.nn.Module, tokenizer, plan: dict, recipe: Recipe, out: Path,
-           evals: dict | None = None, tokens: dict | None = None) -> Path:
+def export(
+    student: torch.nn.Module,
+    tokenizer,
+    plan: dict,
+    recipe: Recipe,
+    out: Path,
+    evals: dict | None = None,
+    tokens: dict | None = None,
+) -> Path:
     """Write the converted model to `out` atomically and return `out`."""
     from huggingface_hub import save_torch_state_dict
 
@@ -109,8 +117,14 @@ def export(student: torch.nn.Module, tokenizer, plan: dict, recipe: Recipe, out:
             generation.use_cache = True
             generation.save_pretrained(tmp)
         save_torch_state_dict(
-            student.state_dict(), tmp, max_shard_size=MAX_SHARD_SIZE,
-            metadata={"format": "pt", "linearize_version": linearize.__version__, "recipe_hash": recipe.hash()},
+            student.state_dict(),
+            tmp,
+            max_shard_size=MAX_SHARD_SIZE,
+            metadata={
+                "format": "pt",
+                "linearize_version": linearize.__version__,
+                "recipe_hash": recipe.hash(),
+            },
         )
         tokenizer.save_pretrained(tmp)
         write_code(tmp)

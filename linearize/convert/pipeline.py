@@ -88,8 +88,10 @@ def convert(recipe: Recipe) -> Path:
 
     accelerator = make_accelerator(recipe)
     is_main = accelerator.is_main_process
-    accelerator.print(f"processes={accelerator.num_processes} backend={accelerator.state.backend or 'none'} "
-                      f"device={accelerator.device}")
+    accelerator.print(
+        f"processes={accelerator.num_processes} backend={accelerator.state.backend or 'none'} "
+        f"device={accelerator.device}"
+    )
     set_seed(recipe.seed)
     run_dir = claim_run_dir(recipe, is_main)
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=is_main)
@@ -98,12 +100,16 @@ def convert(recipe: Recipe) -> Path:
     teacher, tokenizer = load_teacher(recipe.teacher.path, recipe.teacher.dtype)
     plan = plan_for(recipe.student, teacher.config)
     splits = build_splits(recipe.data, tokenizer)
-    accelerator.print(f"data: {splits.train.shape[0]} training blocks of {splits.train.shape[1]} tokens, "
-                      f"{len(splits.heldout)} held-out documents")
+    accelerator.print(
+        f"data: {splits.train.shape[0]} training blocks of {splits.train.shape[1]} tokens, "
+        f"{len(splits.heldout)} held-out documents"
+    )
     teacher = teacher.to(accelerator.device)
 
     def ppl(model):
-        return perplexity(model, splits.heldout, recipe.eval.seq_len, recipe.eval.batch_size, recipe.eval.max_blocks)
+        return perplexity(
+            model, splits.heldout, recipe.eval.seq_len, recipe.eval.batch_size, recipe.eval.max_blocks
+        )
 
     if splits.heldout:
         evals.get("teacher", lambda: ppl(teacher))
@@ -118,7 +124,9 @@ def convert(recipe: Recipe) -> Path:
         cfg = getattr(recipe.stages, stage)
         stage_dir = run_dir / stage
         final = stage_dir / "final"
-        tokens[stage] = cfg.steps * cfg.batch_size * cfg.grad_accum * accelerator.num_processes * recipe.data.seq_len
+        tokens[stage] = (
+            cfg.steps * cfg.batch_size * cfg.grad_accum * accelerator.num_processes * recipe.data.seq_len
+        )
         if checkpoint.is_complete(final):
             accelerator.print(f"[{stage}] already done: loading {final}")
             load_weights(student, final)
@@ -128,20 +136,34 @@ def convert(recipe: Recipe) -> Path:
             else:
                 torch.manual_seed(recipe.seed + 1)  # LoRA init, identical on a resumed run
                 model, loss_fn = logits_stage(student, cfg, frozen)
-            result = train_stage(name=stage, cfg=cfg, recipe=recipe, model=model, loss_fn=loss_fn,
-                                 blocks=splits.train, stage_dir=stage_dir, log=log, accelerator=accelerator)
+            result = train_stage(
+                name=stage,
+                cfg=cfg,
+                recipe=recipe,
+                model=model,
+                loss_fn=loss_fn,
+                blocks=splits.train,
+                stage_dir=stage_dir,
+                log=log,
+                accelerator=accelerator,
+            )
             model = accelerator.unwrap_model(model)
             if model is not student:  # LoRA: fold the adapters into the weights
                 model.merge_and_unload()
             student.requires_grad_(False)
             save_weights(student, final, recipe, is_main, accelerator.wait_for_everyone)
-            accelerator.print(f"[{stage}] done: {result.steps} steps, {result.tokens:,} tokens, "
-                              f"{result.seconds:.1f}s, last loss {result.last_loss:.4g}")
+            accelerator.print(
+                f"[{stage}] done: {result.steps} steps, {result.tokens:,} tokens, "
+                f"{result.seconds:.1f}s, last loss {result.last_loss:.4g}"
+            )
         if splits.heldout:
             evals.get(f"student_after_{stage}", lambda: ppl(student))
 
-    out = export(student, tokenizer, plan, recipe, run_dir / "final", evals.results, tokens) if is_main \
+    out = (
+        export(student, tokenizer, plan, recipe, run_dir / "final", evals.results, tokens)
+        if is_main
         else run_dir / "final"
+    )
     accelerator.wait_for_everyone()
     print_report(evals.results, accelerator.print)
     accelerator.print(f"exported to {out}")

@@ -19,7 +19,9 @@ def plan_for(student: StudentConfig, teacher_config) -> dict:
     n = teacher_config.num_hidden_layers
     bad = [i for i in student.softmax_layers if i >= n]
     if bad:
-        raise RecipeError(f"student.softmax_layers {bad} out of range: the teacher has {n} layers (0..{n - 1})")
+        raise RecipeError(
+            f"student.softmax_layers {bad} out of range: the teacher has {n} layers (0..{n - 1})"
+        )
     return {
         "teacher_model_type": family.model_type,
         "mixer": student.mixer,

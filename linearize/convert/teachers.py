@@ -31,7 +31,9 @@ class TeacherFamily:
     def check(self, config) -> None:
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
         if heads % kv_heads:
-            raise TeacherError(f"{self.model_type}: {heads} attention heads are not a multiple of {kv_heads} KV heads")
+            raise TeacherError(
+                f"{self.model_type}: {heads} attention heads are not a multiple of {kv_heads} KV heads"
+            )
         rope = getattr(config, "rope_parameters", None) or {}
         rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
         if rope_type not in SUPPORTED_ROPE:
@@ -78,7 +80,9 @@ def resolve_path(path: str) -> str:
     local = Path(path).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():
-            raise TeacherError(f"teacher folder {local} has no config.json: is it a Hugging Face model folder?")
+            raise TeacherError(
+                f"teacher folder {local} has no config.json: is it a Hugging Face model folder?"
+            )
         return str(local)
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise TeacherError(f"teacher {path!r} is neither an existing folder nor a Hub id like 'org/name'")

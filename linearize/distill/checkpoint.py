@@ -21,8 +21,14 @@ def is_complete(folder: Path) -> bool:
     return (folder / MARKER).is_file()
 
 
-def write_atomic(target: Path, write: Callable[[Path], None], info: dict | None = None, *, is_main: bool = True,
-                 barrier: Callable[[], None] = lambda: None) -> None:
+def write_atomic(
+    target: Path,
+    write: Callable[[Path], None],
+    info: dict | None = None,
+    *,
+    is_main: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+) -> None:
     """Have `write(tmp)` fill a temp folder (every process may write into it), then mark and rename.
 
     The marker and the rename are done by the main process after a barrier, so the final folder appears

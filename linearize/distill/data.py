@@ -52,20 +52,28 @@ def load_documents(source: str, text_field: str = "text", separator: str = "<|en
         try:
             ds = datasets.load_dataset(name, split="train")
         except Exception as err:  # datasets raises many kinds for a missing or unreachable dataset
-            raise DataError(f"cannot load Hub dataset {name!r}: {err}; offline, give local files instead") from None
+            raise DataError(
+                f"cannot load Hub dataset {name!r}: {err}; offline, give local files instead"
+            ) from None
     else:
-        path = bundled_path(source[len(BUNDLED_PREFIX) :]) if source.startswith(BUNDLED_PREFIX) else Path(source)
+        path = (
+            bundled_path(source[len(BUNDLED_PREFIX) :]) if source.startswith(BUNDLED_PREFIX) else Path(source)
+        )
         if not path.is_file():
             raise DataError(f"data file {path} does not exist (data.train / data.heldout)")
         fmt = _FORMATS.get(path.suffix.lower())
         if fmt is None:
-            raise DataError(f"data file {path}: unknown format {path.suffix!r}; use one of {', '.join(_FORMATS)}")
+            raise DataError(
+                f"data file {path}: unknown format {path.suffix!r}; use one of {', '.join(_FORMATS)}"
+            )
         kwargs = {"sample_by": "document"} if fmt == "text" else {}
         ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
         if fmt == "text":
             ds = ds.map(_split_documents, batched=True, fn_kwargs={"separator": separator})
     if text_field not in ds.column_names:
-        raise DataError(f"{source}: no column {text_field!r} (columns: {', '.join(ds.column_names)}); set data.text_field")
+        raise DataError(
+            f"{source}: no column {text_field!r} (columns: {', '.join(ds.column_names)}); set data.text_field"
+        )
     docs = [t for t in ds[text_field] if isinstance(t, str) and t.strip()]
     if not docs:
         raise DataError(f"{source} holds no non-empty documents")
@@ -107,7 +115,9 @@ def build_splits(cfg: DataConfig, tokenizer) -> Splits:
     blocks = pack(tokenize(docs, tokenizer, cfg.add_bos), cfg.seq_len)
     if not blocks:
         raise DataError(f"the training text is shorter than one block of data.seq_len={cfg.seq_len} tokens")
-    return Splits(train=torch.tensor(blocks, dtype=torch.long), heldout=tokenize(heldout, tokenizer, cfg.add_bos))
+    return Splits(
+        train=torch.tensor(blocks, dtype=torch.long), heldout=tokenize(heldout, tokenizer, cfg.add_bos)
+    )
 
 
 def batch_indices(num_blocks: int, batch_size: int, step: int, seed: int) -> torch.Tensor:

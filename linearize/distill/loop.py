@@ -110,7 +110,9 @@ def train_stage(
     fault = os.environ.get(FAULT_ENV, "")
     began = time.perf_counter()
     model.train()
-    bar = tqdm(total=cfg.steps, initial=start, desc=name, disable=not accelerator.is_main_process, unit="step")
+    bar = tqdm(
+        total=cfg.steps, initial=start, desc=name, disable=not accelerator.is_main_process, unit="step"
+    )
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         step_loss = torch.zeros((), device=accelerator.device)
@@ -139,8 +141,16 @@ def train_stage(
         bar.set_postfix(loss=f"{last_loss:.4g}", tok_s=f"{tok_s:,.0f}")
         bar.update(1)
         if done % recipe.train.log_every == 0 or done == cfg.steps:
-            log.append({"stage": name, "step": done, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
-                        "tokens": done * tokens_per_step, "tok_s": tok_s})
+            log.append(
+                {
+                    "stage": name,
+                    "step": done,
+                    "loss": last_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens": done * tokens_per_step,
+                    "tok_s": tok_s,
+                }
+            )
         if done % recipe.train.checkpoint_every == 0 or done == cfg.steps:
             _save(accelerator, ckpt_root, done, name, last_loss, recipe.train.keep_checkpoints)
         if fault == f"{name}:{done}":

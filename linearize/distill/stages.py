@@ -51,7 +51,9 @@ def logits_stage(student: torch.nn.Module, cfg: LogitsStageConfig, frozen_teache
 
         model = get_peft_model(
             student,
-            LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=cfg.lora_targets),
+            LoraConfig(
+                r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=cfg.lora_targets
+            ),
         )
         prefixed = {f"base_model.model.{n}" for n in added}
         for n, p in model.named_parameters():

@@ -126,8 +126,13 @@ def test_loads_with_remote_code_where_linearize_is_not_installed(tmp_path):
     script.write_text(REMOTE)
     logits_path = tmp_path / "logits.pt"
     env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": ""}
-    proc = subprocess.run([sys.executable, str(script), str(out), str(logits_path)], capture_output=True,
-                          text=True, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out), str(logits_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with torch.no_grad():
         expected = student(torch.tensor([[1, 403, 407, 261, 378]])).logits

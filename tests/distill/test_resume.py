@@ -12,8 +12,13 @@ from safetensors.torch import load_file
 from linearize.distill.loop import FAULT_ENV
 
 SMALL = [
-    "stages.attention.steps=5", "stages.logits.steps=5", "stages.attention.batch_size=2",
-    "stages.logits.batch_size=2", "stages.logits.grad_accum=2", "data.seq_len=64", "eval.max_blocks=4",
+    "stages.attention.steps=5",
+    "stages.logits.steps=5",
+    "stages.attention.batch_size=2",
+    "stages.logits.batch_size=2",
+    "stages.logits.grad_accum=2",
+    "data.seq_len=64",
+    "eval.max_blocks=4",
     "train.checkpoint_every=2",
 ]
 
@@ -23,8 +28,12 @@ def convert(out, fault=None):
     env.pop(FAULT_ENV, None)
     if fault:
         env[FAULT_ENV] = fault
-    return subprocess.run([sys.executable, "-m", "linearize", "convert", f"output_dir={out}", *SMALL],
-                          capture_output=True, text=True, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "linearize", "convert", f"output_dir={out}", *SMALL],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
 
 
 def weights(run):
@@ -67,6 +76,10 @@ def test_rerun_of_a_finished_run_skips_the_stages(reference):
 
 def test_other_recipe_in_same_folder_is_refused(reference):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "linearize", "convert", f"output_dir={reference}", "seed=5", *SMALL],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "linearize", "convert", f"output_dir={reference}", "seed=5", *SMALL],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode != 0 and "holds a run of a different recipe" in proc.stderr

@@ -1,0 +1,105 @@
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from linearize.architectures.mixers import mode
+from linearize.config import LogitsStageConfig, Recipe, StageConfig, StudentConfig, TrainConfig
+from linearize.convert.swap import plan_for, swap
+from linearize.convert.teachers import load_teacher
+from linearize.distill.loop import MetricsLog, TrainingError, make_accelerator, train_stage
+from linearize.distill.stages import attention_stage, logits_stage, new_parameters
+
+
+def student_of(family="llama"):
+    teacher = tiny_model(family)
+    return teacher, swap(teacher, plan_for(StudentConfig(), teacher.config))
+
+
+def test_attention_stage_trains_only_new_parameters_on_teacher_inputs(family):
+    teacher = tiny_model(family)
+    ids = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        expected = teacher(ids).logits
+    student = swap(teacher, plan_for(StudentConfig(), teacher.config))
+    loss_fn = attention_stage(student)
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert trainable == set(new_parameters(student)) and trainable
+    loss = loss_fn(student, ids)
+    assert loss.item() > 0
+    loss.backward()
+    assert all(p.grad is not None for n, p in student.named_parameters() if n in trainable)
+    # in align mode every layer passes the teacher's attention output on, so the logits are the teacher's
+    with torch.no_grad(), mode(student, "align"):
+        assert (student(ids).logits - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("trainable", ["lora", "attention"])
+def test_logits_stage_teacher_does_not_move(trainable):
+    import copy
+
+    teacher, _ = load_teacher("bundled:stories260K")  # a real model: KL starts far from 0
+    ids = torch.randint(3, 512, (2, 24))
+    with torch.no_grad():
+        expected = teacher(ids).logits
+    frozen = copy.deepcopy(teacher) if trainable == "attention" else None
+    student = swap(teacher, plan_for(StudentConfig(), teacher.config))
+    cfg = LogitsStageConfig(trainable=trainable, lr=1e-3)
+    model, loss_fn = logits_stage(student, cfg, frozen)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    first = None
+    for _ in range(3):
+        loss = loss_fn(model, ids)
+        first = first if first is not None else loss.item()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < first
+    with torch.no_grad():
+        if trainable == "lora":
+            with model.disable_adapter(), mode(model, "teacher"):
+                after = model(ids).logits
+        else:
+            after = frozen(ids).logits
+    assert (after - expected).abs().max().item() <= 1e-5
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("feature_map" in n for n in names)
+    if trainable == "lora":
+        assert any("lora_A" in n for n in names) and not any("mlp" in n for n in names)
+    else:
+        assert all(".self_attn." in n for n in names)
+
+
+def run_stage(tmp_path, loss_fn, model, precision="fp32", steps=3):
+    recipe = Recipe(output_dir=str(tmp_path), train=TrainConfig(precision=precision, checkpoint_every=2))
+    cfg = StageConfig(steps=steps, batch_size=2, lr=1e-2)
+    return train_stage(
+        name="attention", cfg=cfg, recipe=recipe, model=model, loss_fn=loss_fn,
+        blocks=torch.randint(0, 512, (6, 16)), stage_dir=tmp_path / "attention",
+        log=MetricsLog(tmp_path / "metrics.jsonl"), accelerator=make_accelerator(recipe),
+    )
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_loop_logs_metrics_and_checkpoints(tmp_path, precision):
+    _, student = student_of()
+    result = run_stage(tmp_path, attention_stage(student), student, precision)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    assert {"loss", "lr", "tokens", "tok_s"} <= set(lines[0])
+    assert result.tokens == 3 * 2 * 16
+    assert sorted(p.name for p in (tmp_path / "attention" / "checkpoints").iterdir()) == [
+        "step-00000002", "step-00000003"]
+
+
+def test_nan_loss_is_a_clear_error(tmp_path):
+    _, student = student_of()
+
+    def nan_loss(model, ids):
+        return attention_stage(student)(model, ids) * float("nan")
+
+    with pytest.raises(TrainingError, match=r"loss is nan at step 1; lower stages\.attention\.lr"):
+        run_stage(tmp_path, nan_loss, student)
+    assert not (tmp_path / "attention" / "checkpoints").exists() or not any(
+        (tmp_path / "attention" / "checkpoints").iterdir())
