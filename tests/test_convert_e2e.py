@@ -15,8 +15,12 @@ import linearize  # noqa: F401
 def test_default_convert_end_to_end(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     began = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "linearize", "convert", f"output_dir={tmp_path}/run"],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "linearize", "convert", f"output_dir={tmp_path}/run"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     wall = time.perf_counter() - began
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(proc.stdout, f"wall {wall:.0f}s")
@@ -27,7 +31,9 @@ def test_default_convert_end_to_end(tmp_path):
     assert results["student_untrained"]["ppl"] > 4 * teacher  # the swap alone is far off
     assert trained <= 2.5 * teacher, results
     out = tmp_path / "run" / "final"
-    assert (out / "recipe.yaml").is_file() and "held-out perplexity" in (out / "README.md").read_text().lower()
+    assert (out / "recipe.yaml").is_file() and "held-out perplexity" in (
+        out / "README.md"
+    ).read_text().lower()
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("Once upon a time", return_tensors="pt").input_ids

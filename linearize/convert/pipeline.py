@@ -75,13 +75,6 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
     load_model(model, str(folder / "model.safetensors"))
 
 
-def build_student(recipe: Recipe, teacher_state: dict, teacher, plan: dict) -> torch.nn.Module:
-    """A fresh student: the teacher's weights restored, then swapped (new parameters seeded)."""
-    teacher.load_state_dict(teacher_state)
-    torch.manual_seed(recipe.seed)
-    return swap(teacher, plan)
-
-
 def convert(recipe: Recipe) -> Path:
     """Run the whole pipeline for `recipe`; returns the exported folder."""
     from accelerate.utils import set_seed
@@ -113,10 +106,11 @@ def convert(recipe: Recipe) -> Path:
 
     if splits.heldout:
         evals.get("teacher", lambda: ppl(teacher))
-    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    prompt = sample_prompt(splits, tokenizer)
+    teacher_sample = greedy_sample(teacher, tokenizer, prompt)
     frozen = copy.deepcopy(teacher).eval() if recipe.stages.logits.trainable == "attention" else None
-
-    student = build_student(recipe, teacher_state, teacher, plan)
+    torch.manual_seed(recipe.seed)  # new parameters' init
+    student = swap(teacher, plan)  # in place: from here on the teacher is "the student in teacher mode"
     if splits.heldout:
         evals.get("student_untrained", lambda: ppl(student))
     tokens: dict[str, int] = {}
@@ -166,8 +160,26 @@ def convert(recipe: Recipe) -> Path:
     )
     accelerator.wait_for_everyone()
     print_report(evals.results, accelerator.print)
+    if is_main:
+        from transformers import AutoModelForCausalLM
+
+        exported = AutoModelForCausalLM.from_pretrained(out).to(accelerator.device)
+        accelerator.print(f"teacher (greedy): {teacher_sample!r}")
+        accelerator.print(f"student (greedy, exported model): {greedy_sample(exported, tokenizer, prompt)!r}")
     accelerator.print(f"exported to {out}")
     return out
+
+
+def sample_prompt(splits, tokenizer, n_tokens: int = 8) -> list[int]:
+    """The first tokens of the first held-out (else training) document: a prompt in the data's style."""
+    return splits.heldout[0][:n_tokens] if splits.heldout else splits.train[0, :n_tokens].tolist()
+
+
+@torch.no_grad()
+def greedy_sample(model, tokenizer, prompt: list[int], new_tokens: int = 32) -> str:
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
 def print_report(results: dict, out=print) -> None:

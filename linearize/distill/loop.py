@@ -152,7 +152,7 @@ def train_stage(
                 }
             )
         if done % recipe.train.checkpoint_every == 0 or done == cfg.steps:
-            _save(accelerator, ckpt_root, done, name, last_loss, recipe.train.keep_checkpoints)
+            _save(accelerator, ckpt_root, done, name, last_loss, recipe)
         if fault == f"{name}:{done}":
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
@@ -160,13 +160,18 @@ def train_stage(
     return StageResult(cfg.steps, cfg.steps * tokens_per_step, last_loss, time.perf_counter() - began)
 
 
-def _save(accelerator, root: Path, step: int, stage: str, loss: float | None, keep: int) -> None:
+def _save(accelerator, root: Path, step: int, stage: str, loss: float | None, recipe: Recipe) -> None:
+    def write(tmp: Path) -> None:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+
     checkpoint.write_atomic(
         checkpoint.step_dir(root, step),
-        lambda tmp: accelerator.save_state(str(tmp)),
+        write,
         info={"stage": stage, "step": step, "loss": loss},
         is_main=accelerator.is_main_process,
         barrier=accelerator.wait_for_everyone,
     )
     if accelerator.is_main_process:
-        checkpoint.prune(root, keep)
+        checkpoint.prune(root, recipe.train.keep_checkpoints)

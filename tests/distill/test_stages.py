@@ -75,9 +75,15 @@ def run_stage(tmp_path, loss_fn, model, precision="fp32", steps=3):
     recipe = Recipe(output_dir=str(tmp_path), train=TrainConfig(precision=precision, checkpoint_every=2))
     cfg = StageConfig(steps=steps, batch_size=2, lr=1e-2)
     return train_stage(
-        name="attention", cfg=cfg, recipe=recipe, model=model, loss_fn=loss_fn,
-        blocks=torch.randint(0, 512, (6, 16)), stage_dir=tmp_path / "attention",
-        log=MetricsLog(tmp_path / "metrics.jsonl"), accelerator=make_accelerator(recipe),
+        name="attention",
+        cfg=cfg,
+        recipe=recipe,
+        model=model,
+        loss_fn=loss_fn,
+        blocks=torch.randint(0, 512, (6, 16)),
+        stage_dir=tmp_path / "attention",
+        log=MetricsLog(tmp_path / "metrics.jsonl"),
+        accelerator=make_accelerator(recipe),
     )
 
 
@@ -90,7 +96,9 @@ def test_loop_logs_metrics_and_checkpoints(tmp_path, precision):
     assert {"loss", "lr", "tokens", "tok_s"} <= set(lines[0])
     assert result.tokens == 3 * 2 * 16
     assert sorted(p.name for p in (tmp_path / "attention" / "checkpoints").iterdir()) == [
-        "step-00000002", "step-00000003"]
+        "step-00000002",
+        "step-00000003",
+    ]
 
 
 def test_nan_loss_is_a_clear_error(tmp_path):
@@ -102,4 +110,5 @@ def test_nan_loss_is_a_clear_error(tmp_path):
     with pytest.raises(TrainingError, match=r"loss is nan at step 1; lower stages\.attention\.lr"):
         run_stage(tmp_path, nan_loss, student)
     assert not (tmp_path / "attention" / "checkpoints").exists() or not any(
-        (tmp_path / "attention" / "checkpoints").iterdir())
+        (tmp_path / "attention" / "checkpoints").iterdir()
+    )
