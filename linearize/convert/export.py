@@ -73,7 +73,7 @@ def model_card(recipe: Recipe, plan: dict, evals: dict, tokens: dict) -> str:
 
 # {recipe.name}
 
-Converted from `{recipe.teacher.path}` by [linearize](https://github.com/) {linearize.__version__}:
+Converted from `{recipe.teacher.path}` by linearize {linearize.__version__}:
 mixer `{plan["mixer"]}`, feature map `{plan["feature_map"]}`, softmax kept in layers {plan["softmax_layers"] or "none"}.
 
 Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (or after `import linearize`).
@@ -126,6 +126,8 @@ def export(
                 "recipe_hash": recipe.hash(),
             },
         )
+        for shard in tmp.glob("*.safetensors"):  # written through a private temp file: make them readable
+            shard.chmod(0o644)
         tokenizer.save_pretrained(tmp)
         write_code(tmp)
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -111,7 +112,12 @@ def train_stage(
     began = time.perf_counter()
     model.train()
     bar = tqdm(
-        total=cfg.steps, initial=start, desc=name, disable=not accelerator.is_main_process, unit="step"
+        total=cfg.steps,
+        initial=start,
+        desc=name,
+        unit="step",
+        disable=not accelerator.is_main_process,
+        mininterval=0.1 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not every step
     )
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
