@@ -40,3 +40,11 @@ def test_import_is_light():
 def test_python_dash_m_works():
     proc = subprocess.run([sys.executable, "-m", "linearize", "recipes"], capture_output=True, text=True)
     assert proc.returncode == 0 and "tiny" in proc.stdout
+
+
+def test_console_script_is_installed():
+    import shutil
+
+    exe = shutil.which("linearize") or str(__import__("pathlib").Path(sys.executable).with_name("linearize"))
+    proc = subprocess.run([exe, "recipes"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "tiny" in proc.stdout

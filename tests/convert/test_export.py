@@ -1,7 +1,7 @@
 import json
 import subprocess
-import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,12 +105,11 @@ def test_linear_cache_does_not_grow_with_context(tmp_path):
 
 
 REMOTE = textwrap.dedent("""
-    import sys, torch
-    sys.modules["linearize"] = None   # linearize is not installed here: importing it fails
-    sys.modules["fla"] = None
+    import importlib.util, sys, torch
+    assert importlib.util.find_spec("linearize") is None, "linearize must not be installed in this venv"
+    sys.modules["fla"] = None  # and the torch fallback must not need fla
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-    assert "linearize" not in type(model).__module__.split(".")[0], type(model).__module__
     ids = torch.tensor([[1, 403, 407, 261, 378]])
     seq = model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
     with torch.no_grad():
@@ -120,14 +119,36 @@ REMOTE = textwrap.dedent("""
 """)
 
 
-def test_loads_with_remote_code_where_linearize_is_not_installed(tmp_path):
+def bare_venv(root):
+    """A virtualenv that sees this environment's torch and transformers but not linearize.
+
+    Its .pth adds our site-packages to sys.path without processing the .pth files inside it, and the
+    editable install of linearize lives in exactly such a .pth file.
+    """
+    import site
+    import venv
+
+    venv.create(root, with_pip=False)
+    python = root / "bin" / "python"
+    target = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (Path(target) / "parent_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    return python
+
+
+def test_loads_with_remote_code_in_a_venv_without_linearize(tmp_path):
     student, out = converted("qwen3", tmp_path)
+    python = bare_venv(tmp_path / "venv")
     script = tmp_path / "remote.py"
     script.write_text(REMOTE)
     logits_path = tmp_path / "logits.pt"
     env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": ""}
     proc = subprocess.run(
-        [sys.executable, str(script), str(out), str(logits_path)],
+        [python, str(script), str(out), str(logits_path)],
         capture_output=True,
         text=True,
         env=env,
