@@ -10,10 +10,14 @@ commands:
   convert     run the whole pipeline (stages attention and logits, evaluation, export)
   recipes     list the shipped recipes
   options     list every recipe key with its default and meaning
+  eval        evaluate a converted model next to its teacher: one report (markdown, PNG plots, JSON)
+              linearize eval model=<folder> [teacher=<path|hub id>] [tasks=ppl,recall,cloze,speed,controls,
+              lm_eval:<task>] [out=<folder>] [<setting>=<value> ...]
 
 examples:
   linearize convert                                  # bundled tiny teacher, offline
   linearize convert recipe=tiny stages.attention.steps=50 student.feature_map=t2r
+  linearize eval model=out/tiny/final tasks=ppl,recall,cloze,speed,controls,lm_eval:linearize_cloze
 """
 
 
@@ -54,7 +58,25 @@ def cmd_convert(pairs: dict[str, str]) -> None:
     convert(load_recipe(recipe_name, pairs))
 
 
-COMMANDS = {"convert": cmd_convert, "recipes": cmd_recipes, "options": cmd_options}
+def cmd_eval(pairs: dict[str, str]) -> None:
+    from linearize.evals import EvalError
+
+    try:
+        from linearize.evals.harness import EvalSettings, evaluate
+
+        if "model" not in pairs:
+            raise EvalError("eval needs model=<folder of a converted checkpoint>")
+        model = pairs.pop("model")
+        teacher = pairs.pop("teacher", None)
+        out = pairs.pop("out", None)
+        tasks = [t for t in pairs.pop("tasks", "ppl,recall,cloze,speed,controls").split(",") if t]
+        results = evaluate(model, tasks, out=out, teacher=teacher, settings=EvalSettings.from_pairs(pairs))
+    except EvalError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"report written to {results['info']['report']}/report.md")
+
+
+COMMANDS = {"convert": cmd_convert, "recipes": cmd_recipes, "options": cmd_options, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> None:

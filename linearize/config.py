@@ -192,6 +192,25 @@ class EvalConfig:
     """Evaluate at most this many held-out blocks (0: all)."""
     batch_size: int = 8
     """Blocks per evaluation batch."""
+    tasks: list[str] = field(default_factory=lambda: ["ppl", "recall", "cloze", "controls"])
+    """Tasks of `linearize eval` run on the exported student and its teacher at the end of `convert`
+    (report in `<run>/report`): ppl, recall, cloze, speed, controls, lm_eval:<task>; empty: none."""
+
+    def __post_init__(self) -> None:
+        from linearize.evals import LM_EVAL_PREFIX, TASKS
+
+        for name in ("seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise RecipeError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_blocks < 0:
+            raise RecipeError(f"eval.max_blocks must be >= 0, got {self.max_blocks}")
+        for task in self.tasks:
+            if task not in TASKS and not (
+                task.startswith(LM_EVAL_PREFIX) and len(task) > len(LM_EVAL_PREFIX)
+            ):
+                raise RecipeError(
+                    f"eval.tasks: {task!r} is not valid; choose from: {', '.join(TASKS)}, {LM_EVAL_PREFIX}<task>"
+                )
 
 
 @dataclass(kw_only=True)

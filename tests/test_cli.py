@@ -17,7 +17,7 @@ def test_options_lists_documented_keys(capsys):
     assert "stages.attention.steps" in capsys.readouterr().out
 
 
-def test_bad_input_is_a_clear_error_not_a_traceback():
+def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path):
     with pytest.raises(SystemExit, match="unknown command 'convrt'"):
         main(["convrt"])
     with pytest.raises(SystemExit, match="expected key=value"):
@@ -25,9 +25,10 @@ def test_bad_input_is_a_clear_error_not_a_traceback():
     with pytest.raises(SystemExit, match=r"error: unknown key stages\.attention\.stepz"):
         main(["convert", "stages.attention.stepz=3"])
     with pytest.raises(SystemExit, match=r"error: .*does not exist"):
-        main(["convert", "data.train=/nonexistent/file.txt", "output_dir=/tmp/linearize-bad-data"])
+        main(["convert", "data.train=/nonexistent/file.txt", f"output_dir={tmp_path}/a"])
     with pytest.raises(SystemExit, match=r"error: teacher .* neither an existing folder nor a Hub id"):
-        main(["convert", "teacher.path=./no/such/dir", "output_dir=/tmp/linearize-bad-teacher"])
+        main(["convert", "teacher.path=./no/such/dir", f"output_dir={tmp_path}/b"])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written
 
 
 def test_import_is_light():

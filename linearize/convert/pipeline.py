@@ -40,8 +40,8 @@ class EvalLog:
         return self.results[name]
 
 
-def claim_run_dir(recipe: Recipe, is_main: bool) -> Path:
-    """Create the run folder, or check that the one there belongs to this same recipe."""
+def check_run_dir(recipe: Recipe) -> Path:
+    """Refuse a run folder that holds a run of another recipe (nothing is written here)."""
     run_dir = recipe.run_dir
     saved = run_dir / "recipe.yaml"
     if saved.is_file() and saved.read_text() != recipe.to_yaml():
@@ -49,9 +49,15 @@ def claim_run_dir(recipe: Recipe, is_main: bool) -> Path:
             f"{run_dir} holds a run of a different recipe (see {saved}); rerun with the same recipe and "
             f"overrides to resume, set output_dir=<new folder>, or delete {run_dir}"
         )
+    return run_dir
+
+
+def claim_run_dir(recipe: Recipe, is_main: bool) -> Path:
+    """Create the run folder and record the resolved recipe in it."""
+    run_dir = check_run_dir(recipe)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        saved.write_text(recipe.to_yaml())
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     return run_dir
 
 
@@ -86,13 +92,14 @@ def convert(recipe: Recipe) -> Path:
         f"device={accelerator.device}"
     )
     set_seed(recipe.seed)
-    run_dir = claim_run_dir(recipe, is_main)
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=is_main)
-    evals = EvalLog(run_dir / "eval.json", enabled=is_main)
-
+    check_run_dir(recipe)
+    # Everything that can be wrong with the input is checked before the run folder is written to.
     teacher, tokenizer = load_teacher(recipe.teacher.path, recipe.teacher.dtype)
     plan = plan_for(recipe.student, teacher.config)
     splits = build_splits(recipe.data, tokenizer)
+    run_dir = claim_run_dir(recipe, is_main)
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=is_main)
+    evals = EvalLog(run_dir / "eval.json", enabled=is_main)
     accelerator.print(
         f"data: {splits.train.shape[0]} training blocks of {splits.train.shape[1]} tokens, "
         f"{len(splits.heldout)} held-out documents"
@@ -166,8 +173,27 @@ def convert(recipe: Recipe) -> Path:
         exported = AutoModelForCausalLM.from_pretrained(out).to(accelerator.device)
         accelerator.print(f"teacher (greedy): {teacher_sample!r}")
         accelerator.print(f"student (greedy, exported model): {greedy_sample(exported, tokenizer, prompt)!r}")
+        del exported
+        if recipe.eval.tasks:
+            run_eval_tasks(recipe, out, accelerator.device, accelerator.print)
     accelerator.print(f"exported to {out}")
     return out
+
+
+def run_eval_tasks(recipe: Recipe, out: Path, device, log) -> None:
+    """The recipe's eval tasks on the exported student and the original teacher; report in <run>/report."""
+    from linearize.evals.harness import EvalSettings, evaluate
+
+    settings = EvalSettings(
+        seed=recipe.seed,
+        device=str(device),
+        batch_size=recipe.eval.batch_size,
+        ppl_seq_len=recipe.eval.seq_len,
+        ppl_max_blocks=recipe.eval.max_blocks,
+        add_bos=recipe.data.add_bos,
+    )
+    results = evaluate(out, recipe.eval.tasks, out=recipe.run_dir / "report", settings=settings, log=log)
+    log(f"evaluation report: {results['info']['report']}/report.md")
 
 
 def sample_prompt(splits, tokenizer, n_tokens: int = 8) -> list[int]:

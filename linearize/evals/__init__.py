@@ -1,0 +1,46 @@
+"""Evaluation: teacher and student side by side, one report (markdown + PNG plots + results.json).
+
+`TASKS` is a lazy table (name -> "module:function"), so naming or validating a task imports neither
+torch nor lm-eval. Every task function takes an `EvalContext` (see `harness.py`) and returns a dict of
+plain numbers keyed by model name. `lm_eval:<task>` runs any lm-evaluation-harness task (optional
+extra `linearize[eval]`).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+
+TASKS: dict[str, str] = {
+    "ppl": "linearize.evals.perplexity:ppl_task",
+    "recall": "linearize.evals.recall:recall_task",
+    "cloze": "linearize.evals.cloze:cloze_task",
+    "speed": "linearize.evals.speed:speed_task",
+    "controls": "linearize.evals.controls:controls_task",
+}
+LM_EVAL_PREFIX = "lm_eval:"
+
+
+class EvalError(ValueError):
+    """An evaluation that cannot run: the message says what is wrong and what would be valid."""
+
+
+def check_task_name(name: str) -> None:
+    """Raise `EvalError` listing the known tasks when `name` is not one of them."""
+    if name in TASKS or (name.startswith(LM_EVAL_PREFIX) and len(name) > len(LM_EVAL_PREFIX)):
+        return
+    raise EvalError(
+        f"unknown eval task {name!r}; known: {', '.join(TASKS)}, or {LM_EVAL_PREFIX}<lm-eval task name>"
+    )
+
+
+def resolve_task(name: str) -> Callable:
+    """The function that runs task `name` (imported on first use)."""
+    check_task_name(name)
+    if name.startswith(LM_EVAL_PREFIX):
+        from linearize.evals.lmeval import lm_eval_task
+
+        return functools.partial(lm_eval_task, task=name[len(LM_EVAL_PREFIX) :])
+    module, obj = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), obj)

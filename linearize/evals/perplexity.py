@@ -1,4 +1,9 @@
-"""Held-out perplexity: documents packed into blocks, next-token loss over every predicted token."""
+"""Perplexity: exp(mean next-token NLL) over every predicted token of held-out text.
+
+Two ways to cut text into model inputs: `window` packs documents (BOS-separated) and cuts the stream
+into fixed-length windows (what training saw); `document` scores each document alone, in windows when
+longer. A window's first token is never predicted, so `tokens` counts (window length - 1) per window.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,38 @@ import math
 import torch
 
 from linearize.distill.data import pack
+
+
+def group_by_length(blocks: list[list[int]], batch_size: int):
+    """Batches of equal-length blocks (no padding needed)."""
+    by_len: dict[int, list[list[int]]] = {}
+    for b in blocks:
+        by_len.setdefault(len(b), []).append(b)
+    for group in by_len.values():
+        for i in range(0, len(group), batch_size):
+            yield torch.tensor(group[i : i + batch_size])
+
+
+@torch.no_grad()
+def block_nll(logits_fn, blocks: list[list[int]], batch_size: int) -> tuple[float, int]:
+    """(summed next-token NLL, predicted tokens) of `blocks` under `logits_fn(ids) -> logits`."""
+    total_nll, total_tokens = 0.0, 0
+    for ids in group_by_length(blocks, batch_size):
+        if ids.shape[1] < 2:
+            continue
+        logits = logits_fn(ids).float()
+        target = ids[:, 1:].to(logits.device)
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
+        )
+        total_nll += nll.item()
+        total_tokens += target.numel()
+    return total_nll, total_tokens
+
+
+def _summary(nll: float, tokens: int, blocks: int) -> dict:
+    mean = nll / tokens
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": tokens, "blocks": blocks}
 
 
 @torch.no_grad()
@@ -23,21 +60,70 @@ def perplexity(model, docs: list[list[int]], seq_len: int, batch_size: int = 8, 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
-    by_len: dict[int, list[list[int]]] = {}
-    for b in blocks:
-        by_len.setdefault(len(b), []).append(b)
-    for group in by_len.values():
-        for i in range(0, len(group), batch_size):
-            ids = torch.tensor(group[i : i + batch_size], device=device)
-            if ids.shape[1] < 2:
-                continue
-            logits = model(input_ids=ids, use_cache=False).logits.float()
-            nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-            )
-            total_nll += nll.item()
-            total_tokens += ids[:, 1:].numel()
+    nll, tokens = block_nll(
+        lambda ids: model(input_ids=ids.to(device), use_cache=False).logits, blocks, batch_size
+    )
     model.train(was_training)
-    mean = total_nll / total_tokens
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens, "blocks": len(blocks)}
+    return _summary(nll, tokens, len(blocks))
+
+
+def windows(docs: list[list[int]], seq_len: int, mode: str, max_blocks: int = 0) -> list[list[int]]:
+    """Model inputs of `docs`: packed stream windows (`window`) or per-document windows (`document`)."""
+    if mode == "window":
+        blocks = pack(docs, seq_len, keep_remainder=True)
+    else:
+        blocks = [d[i : i + seq_len] for d in docs for i in range(0, len(d), seq_len)]
+    blocks = [b for b in blocks if len(b) >= 2]
+    return blocks[:max_blocks] if max_blocks else blocks
+
+
+def heldout_texts(ctx) -> tuple[list[str], str]:
+    """(documents, description) of the perplexity text the settings or the run's recipe name."""
+    from linearize.config import DataConfig
+    from linearize.distill.data import load_documents
+
+    s = ctx.settings
+    if s.ppl_data:
+        return [d for src in s.ppl_data for d in load_documents(src)], ", ".join(s.ppl_data)
+    data = DataConfig(**(ctx.recipe or {}).get("data", {})) if ctx.recipe else DataConfig()
+    if data.heldout:
+        docs = [d for src in data.heldout for d in load_documents(src, data.text_field, data.doc_separator)]
+        return docs, ", ".join(data.heldout)
+    sources = data.train if data.heldout_docs else ["bundled:tinystories_docs.txt"]
+    n = data.heldout_docs or 49
+    docs = [d for src in sources for d in load_documents(src, data.text_field, data.doc_separator)]
+    return docs[-n:], f"last {n} documents of {', '.join(sources)} (held out of training)"
+
+
+def scorer_perplexity(scorer, blocks: list[list[int]], batch_size: int) -> dict:
+    nll, tokens = block_nll(scorer.logits, blocks, batch_size)
+    return _summary(nll, tokens, len(blocks))
+
+
+def ppl_blocks(ctx) -> tuple[list[list[int]], dict]:
+    """The perplexity windows and how they were made (for the report)."""
+    from linearize.distill.data import tokenize
+
+    s = ctx.settings
+    texts, source = heldout_texts(ctx)
+    seq_len = min(s.ppl_seq_len, ctx.context_length)
+    blocks = windows(tokenize(texts, ctx.tokenizer, s.add_bos), seq_len, s.ppl_mode, s.ppl_max_blocks)
+    meta = {
+        "source": source,
+        "documents": len(texts),
+        "mode": s.ppl_mode,
+        "seq_len": seq_len,
+        "bos": "prepended to every document" if ctx.bos else "none",
+        "counted": "every predicted token (a window's first token is context only)",
+    }
+    return blocks, meta
+
+
+def ppl_task(ctx) -> dict:
+    """Held-out perplexity of teacher and student on the same windows."""
+    blocks, meta = ppl_blocks(ctx)
+    out = {"meta": meta}
+    for scorer in ctx.scorers:
+        out[scorer.name] = scorer_perplexity(scorer, blocks, ctx.settings.batch_size)
+    out["ratio"] = out["student"]["ppl"] / out["teacher"]["ppl"]
+    return out

@@ -1,0 +1,114 @@
+"""Controls: what a conversion must beat to be worth its training.
+
+- `window`: the zero-training baseline — the stock teacher restricted to a sliding window of `window`
+  tokens plus the first `sinks` tokens (attention sinks), through an explicit 4D boolean attention
+  mask (no patching). It is scored on perplexity and recall next to teacher and student; a student
+  that does not beat it is flagged in the report.
+- `branches`: per-branch controls of a hybrid student (window only / linear only / no attention),
+  each a mixer switch of the `window_linear` mixer; see `hybrid_branch_controls`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from linearize.evals import EvalError
+
+HYBRID_MIXERS = ("window_linear",)
+BRANCHES = ("window_only", "linear_only", "no_attention")
+
+
+def sliding_window_mask(seq_len: int, device: torch.device, window: int, sinks: int) -> torch.Tensor:
+    """[1, 1, seq_len, seq_len] bool: query i sees key j when j <= i and (i - j < window or j < sinks)."""
+    i = torch.arange(seq_len, device=device)
+    causal = i[:, None] >= i[None, :]
+    keep = causal & ((i[:, None] - i[None, :] < window) | (i[None, :] < sinks))
+    return keep[None, None]
+
+
+def window_scorer(ctx):
+    from linearize.evals.harness import WINDOW, Scorer
+
+    s = ctx.settings
+    return Scorer(
+        WINDOW, ctx.teacher.model, functools.partial(sliding_window_mask, window=s.window, sinks=s.sinks)
+    )
+
+
+def window_control(ctx) -> dict:
+    from linearize.evals.perplexity import ppl_blocks, scorer_perplexity
+    from linearize.evals.recall import recall_scores
+
+    s = ctx.settings
+    blocks, meta = ppl_blocks(ctx)
+    scorers = [ctx.teacher, ctx.student, window_scorer(ctx)]
+    ppl = {"meta": meta, **{sc.name: scorer_perplexity(sc, blocks, s.batch_size) for sc in scorers}}
+    recall = recall_scores(ctx, scorers)
+    student, window = "student", "sliding_window"
+    beats = {
+        "ppl": ppl[student]["ppl"] < ppl[window]["ppl"],
+        "mqar": (recall["mqar"][student]["mean"] or 0) > (recall["mqar"][window]["mean"] or 0),
+        "passkey": (recall["passkey"][student]["mean"] or 0) > (recall["passkey"][window]["mean"] or 0),
+    }
+    return {
+        "window": s.window,
+        "sinks": s.sinks,
+        "ppl": ppl,
+        "recall": recall,
+        "student_beats_window": beats,
+        "verdict": "student beats the sliding-window baseline on "
+        + (", ".join(k for k, v in beats.items() if v) or "nothing")
+        + (
+            ""
+            if all(beats.values())
+            else "; it does NOT beat it on " + ", ".join(k for k, v in beats.items() if not v)
+        ),
+    }
+
+
+def hybrid_branch_controls(ctx) -> dict:
+    """Per-branch controls of a hybrid student: the student with only its window branch, only its linear
+    branch, and with no attention at all, scored like the student.
+
+    Needs the `window_linear` mixer's branch switch (a mixer mode per branch, set with
+    `linearize.architectures.mixers.mode`); until the mixers have it, this is an error.
+    """
+    from linearize.architectures.mixers import MODES
+
+    mixer = ctx.student_plan.get("mixer")
+    if mixer not in HYBRID_MIXERS:
+        raise EvalError(
+            f"controls for hybrid branches need a hybrid student (window_linear mixer); this student's mixer "
+            f"is {mixer!r}. Run controls=window for the sliding-window baseline."
+        )
+    missing = [b for b in BRANCHES if b not in MODES]
+    if missing:
+        raise EvalError(
+            f"controls for hybrid branches need the mixer modes {', '.join(missing)}, which this version of "
+            f"linearize.architectures.mixers lacks"
+        )
+    from linearize.architectures.mixers import mode
+    from linearize.evals.perplexity import ppl_blocks, scorer_perplexity
+
+    blocks, meta = ppl_blocks(ctx)
+    out = {"meta": meta}
+    for branch in BRANCHES:
+        with mode(ctx.student.model, branch):
+            out[branch] = scorer_perplexity(ctx.student, blocks, ctx.settings.batch_size)
+    return out
+
+
+CONTROLS = {"window": window_control, "branches": hybrid_branch_controls}
+
+
+def controls_task(ctx) -> dict:
+    """The controls named in settings.controls, each next to teacher and student."""
+    from linearize.architectures.mixers import MODES
+
+    asked = list(ctx.settings.controls)
+    hybrid = ctx.student_plan.get("mixer") in HYBRID_MIXERS and all(b in MODES for b in BRANCHES)
+    if hybrid and "branches" not in asked:
+        asked.append("branches")
+    return {name: CONTROLS[name](ctx) for name in asked}
