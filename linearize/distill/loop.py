@@ -144,7 +144,7 @@ def train_stage(
         last_loss = accelerator.reduce(step_loss, reduction="mean").item()
         done = step + 1
         tok_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix(loss=f"{last_loss:.4g}", tok_s=f"{tok_s:,.0f}")
+        bar.set_postfix(loss=f"{last_loss:.4g}", tok_s=f"{tok_s:,.0f}", refresh=False)  # mininterval rules
         bar.update(1)
         if done % recipe.train.log_every == 0 or done == cfg.steps:
             log.append(
