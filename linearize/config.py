@@ -45,6 +45,14 @@ class StudentConfig:
     """Layer indices that keep the teacher's softmax attention; empty converts every layer."""
     eps: float = 1e-6
     """Added to the linear-attention denominator (the division is done in float32)."""
+    impl: Literal["auto", "chunked", "reference", "fla", "triton"] = "auto"
+    """Kernel form of the mixers' ops: `auto` picks Triton/fla on CUDA and chunked torch elsewhere; the
+    others force one (the step-by-step `reference` is for debugging; an op without that form refuses)."""
+    window: int = 64
+    """Softmax window W of the `window_linear` mixer: a query sees its last W tokens (itself included)
+    through softmax and all older ones through linear attention."""
+    window_factor_init: float = 0.5
+    """Initial per-head mix w = sigmoid(logit) of the `window_linear` mixer's window branch, in (0, 1)."""
 
     def __post_init__(self) -> None:
         from linearize.architectures import FEATURE_MAPS, MIXERS
@@ -57,6 +65,12 @@ class StudentConfig:
             )
         if self.eps <= 0:
             raise RecipeError(f"student.eps must be > 0, got {self.eps}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise RecipeError(f"student.window must be an integer >= 1, got {self.window!r}")
+        if not 0 < self.window_factor_init < 1:
+            raise RecipeError(
+                f"student.window_factor_init must lie in the open interval (0, 1), got {self.window_factor_init}"
+            )
 
 
 @dataclass(kw_only=True)

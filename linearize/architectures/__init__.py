@@ -13,6 +13,7 @@ import importlib
 MIXERS: dict[str, str] = {
     "linear": "linearize.architectures.mixers:LinearMixer",
     "softmax": "linearize.architectures.mixers:SoftmaxMixer",
+    "window_linear": "linearize.architectures.mixers:WindowLinearMixer",
 }
 FEATURE_MAPS: dict[str, str] = {
     "hedgehog": "linearize.architectures.feature_maps:Hedgehog",

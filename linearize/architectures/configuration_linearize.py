@@ -2,7 +2,8 @@
 
 One subclass per supported teacher family, so every field the family's modules read is there.
 `linearize` holds the plan: {"mixer", "feature_map", "softmax_layers", "eps", "teacher_model_type"}.
-`layer_types` marks converted layers "linear_attention", which gives them recurrent-state cache layers.
+`layer_types` marks converted layers "linear_attention", which gives them recurrent-state cache layers;
+`number_of_conv_states` says how many recurrent states each of them holds (5 for `window_linear`).
 """
 
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
@@ -51,3 +52,16 @@ def linearized_layer_types(config, spec: dict) -> list[str]:
         else:
             types.append("linear_attention")
     return types
+
+
+# Recurrent states per cache layer of each mixer (the fields of its decode state); 1 when not listed.
+MIXER_STATES = {"window_linear": 5}  # WindowLinearState: linear_state, k/fk/v_window, seen
+
+
+def linearized_cache_fields(config, spec: dict) -> dict:
+    """Extra config fields the converted layers' cache needs: transformers' DynamicCache(config=...) gives
+    every "linear_attention" layer `config.number_of_conv_states` recurrent states."""
+    kept = set(spec.get("softmax_layers", []))
+    converted = [i for i in range(config.num_hidden_layers) if i not in kept]
+    states = MIXER_STATES.get(spec["mixer"], 1) if converted else 1
+    return {"number_of_conv_states": states} if states > 1 else {}

@@ -15,14 +15,22 @@ from pathlib import Path
 import torch
 
 import linearize
-from linearize.architectures.configuration_linearize import CONFIG_CLASSES, linearized_layer_types
+from linearize.architectures.configuration_linearize import (
+    CONFIG_CLASSES,
+    linearized_cache_fields,
+    linearized_layer_types,
+)
 from linearize.architectures.modeling_linearize import MODEL_CLASSES
 from linearize.config import Recipe
 from linearize.distill import checkpoint
 
 # Files of linearize/architectures a checkpoint carries, and where kernels' torch forms go in it.
 BUNDLE = ("configuration_linearize.py", "modeling_linearize.py", "mixers.py", "feature_maps.py", "ops.py")
-KERNEL_COPIES = {"linear_attn/chunked.py": "linear_attn_chunked.py"}
+KERNEL_COPIES = {
+    "linear_attn/chunked.py": "linear_attn_chunked.py",
+    "window_linear/chunked.py": "window_linear_chunked.py",
+    "window_linear/step.py": "window_linear_step.py",
+}
 MAX_SHARD_SIZE = "5GB"  # transformers' default (50GB) is the Hub's hard per-file limit
 
 
@@ -34,6 +42,7 @@ def converted_config(teacher_config, plan: dict):
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
         fields.pop(key, None)
     fields["layer_types"] = linearized_layer_types(teacher_config, plan)
+    fields.update(linearized_cache_fields(teacher_config, plan))
     fields["use_cache"] = True  # the in-memory student ran without a cache (see convert.swap)
     config = config_cls(**fields, linearize=dict(plan))
     model_cls = MODEL_CLASSES[family]

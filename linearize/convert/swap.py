@@ -28,6 +28,9 @@ def plan_for(student: StudentConfig, teacher_config) -> dict:
         "feature_map": student.feature_map,
         "softmax_layers": sorted(set(student.softmax_layers)),
         "eps": student.eps,
+        "impl": student.impl,
+        "window": student.window,
+        "window_factor_init": student.window_factor_init,
     }
 
 

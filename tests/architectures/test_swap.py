@@ -69,3 +69,20 @@ def test_unsupported_family_names_supported_ones():
 def test_softmax_layers_out_of_range():
     with pytest.raises(RecipeError, match=r"out of range: the teacher has 3 layers"):
         make_plan(tiny_config("llama"), softmax_layers=[3])
+
+
+def test_recipe_field_forces_the_kernel_form():
+    """student.impl reaches the ops: the reference form gives the chunked form's logits, and forcing
+    fla on CPU tensors fails with the kernel's own message."""
+    ids = torch.randint(0, 512, (1, 70))
+    logits = {}
+    for impl in ("auto", "reference"):
+        teacher = tiny_model("llama")
+        student = swap(teacher, make_plan(teacher.config, impl=impl))
+        with torch.no_grad():
+            logits[impl] = student(ids).logits
+    assert (logits["auto"] - logits["reference"]).abs().max().item() <= 1e-5
+    teacher = tiny_model("llama")
+    student = swap(teacher, make_plan(teacher.config, impl="fla"))
+    with pytest.raises(ValueError, match="impl='fla' needs CUDA tensors"):
+        student(ids)
