@@ -5,10 +5,9 @@ fla (and with it triton) is imported only inside the call that needs it, so impo
 light.
 """
 
-import functools
-
 import torch
 
+from .. import dispatch
 from .chunked import check_gated_slot_attn_args, gated_slot_attn_chunked
 from .reference import additive_gate, gated_slot_attn_reference
 from .step import gated_slot_attn_step
@@ -28,23 +27,9 @@ IMPLS = ("auto", "chunked", "reference", "fla")
 State = tuple[torch.Tensor, torch.Tensor]
 
 
-@functools.cache
-def _fla_importable() -> bool:
-    try:
-        import fla.ops.gsa  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def resolve_impl(impl: str, tensor: torch.Tensor) -> str:
-    """Map `impl` to a concrete form: "auto" is "fla" for CUDA tensors when fla imports, else "chunked".
-    "auto" never picks the reference (a python loop over T)."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {', '.join(repr(i) for i in IMPLS)}, got {impl!r}")
-    if impl != "auto":
-        return impl
-    return "fla" if tensor.is_cuda and _fla_importable() else "chunked"
+    """ "auto" is "fla" for CUDA tensors when fla imports, else "chunked"; never the reference."""
+    return dispatch.resolve_impl(impl, tensor, IMPLS, gpu_form="fla", gpu_module="fla.ops.gsa")
 
 
 def _gated_slot_attn_fla(

@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from .. import dispatch
 from .chunked import (
     WindowLinearState,
     check_window_linear_args,
@@ -32,13 +33,8 @@ IMPLS = ("auto", "chunked", "reference", "triton")
 
 
 def resolve_impl(impl: str, tensor: torch.Tensor) -> str:
-    """Map `impl` to a concrete form: "auto" is "triton" for CUDA tensors, else "chunked".
-    "auto" never picks the reference (quadratic memory)."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {', '.join(repr(i) for i in IMPLS)}, got {impl!r}")
-    if impl != "auto":
-        return impl
-    return "triton" if tensor.is_cuda else "chunked"
+    """ "auto" is our Triton kernel for CUDA tensors (when triton imports), else "chunked"; never the reference."""
+    return dispatch.resolve_impl(impl, tensor, IMPLS, gpu_form="triton", gpu_module="triton")
 
 
 def window_linear(
