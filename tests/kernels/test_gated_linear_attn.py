@@ -1,12 +1,12 @@
 """gated_linear_attn: chunked and step forms each checked directly against the float64 reference recurrence,
 and the reference against fla's own naive recurrence (so the fla/GPU path means the same thing)."""
 
-import ast
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_checks import one_thread, rel_rms  # noqa: F401  (autouse fixture)
 
 from linearize.kernels.gated_linear_attn import (
     gated_linear_attn,
@@ -23,23 +23,6 @@ PKG = REPO / "linearize" / "kernels" / "gated_linear_attn"
 # h0); bf16/fp16 inputs give ~5e-3 on outputs, mostly from rounding the inputs themselves.
 FP32_TOL = 1e-5
 LOWP_TOL = 2e-2
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These are many tiny per-token ops: with OpenMP's active wait on a loaded 2-core machine, two threads ran
-    the float64 reference ~50x slower than one (see PITFALLS, CPU timing)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / (||b|| + tiny), in float64; any NaN/inf fails."""
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / (b.norm() + 1e-300)).item()
 
 
 def make_inputs(B, T, H, K, V, with_state, seed=0, decay=1.0):
@@ -275,18 +258,3 @@ def test_bad_inputs_state_the_rule():
         gated_linear_attn_step(q, k, v, g, h0)
     with pytest.raises(ValueError, match=r"state must have shape \[B, H, K, V\]"):
         gated_linear_attn_step(q[:, :1], k[:, :1], v[:, :1], g[:, :1], h0[..., :3])
-
-
-@pytest.mark.parametrize("name", ["chunked.py", "step.py"])
-def test_exported_files_import_only_torch(name):
-    """These files are copied verbatim into checkpoints that run without linearize."""
-    tree = ast.parse((PKG / name).read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            mods = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, f"relative import in {name}"
-            mods = [node.module]
-        else:
-            continue
-        assert all(m == "torch" or m.startswith("torch.") or m == "math" for m in mods), mods

