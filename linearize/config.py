@@ -35,14 +35,36 @@ class TeacherConfig:
     """Dtype the teacher's weights are loaded in."""
 
 
+LAYER_PLAN_FORMS = (
+    "`all`, a list of layer indices to keep as softmax, `every:K` (K >= 2) or `auto:N` (N >= 1)"
+)
+
+
+def parse_layer_plan(layers: str | list[int]) -> tuple[str, Any]:
+    """("all", None) | ("list", [i, ...]) | ("every", K) | ("auto", N); RecipeError names the valid forms."""
+    if isinstance(layers, list):
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+            raise RecipeError(f"student.layers must hold layer indices >= 0, got {layers}")
+        return "list", sorted(set(layers))
+    if layers == "all":
+        return "all", None
+    kind, _, count = layers.partition(":")
+    if kind in ("every", "auto") and count.isdigit() and int(count) >= (2 if kind == "every" else 1):
+        return kind, int(count)
+    raise RecipeError(f"student.layers={layers!r} is not a layer plan; use {LAYER_PLAN_FORMS}")
+
+
 @dataclass(kw_only=True)
 class StudentConfig:
     mixer: str = "linear"
     """Mixer that replaces softmax attention in converted layers (see `linearize.architectures.MIXERS`)."""
     feature_map: str = "hedgehog"
     """Feature map of the linear mixer (see `linearize.architectures.FEATURE_MAPS`)."""
-    softmax_layers: list[int] = field(default_factory=list)
-    """Layer indices that keep the teacher's softmax attention; empty converts every layer."""
+    layers: str | list[int] = "all"
+    """Layer plan: `all` converts every layer; a list of layer indices keeps those as the teacher's softmax
+    attention; `every:K` keeps every K-th layer (K-1, 2K-1, ...); `auto:N` converts every layer for
+    stage 1, then keeps as softmax the N layers whose stage-1 alignment loss stays highest (the ranking is
+    written to the run folder, the config and the model card)."""
     eps: float = 1e-6
     """Added to the linear-attention denominator (the division is done in float32)."""
     impl: Literal["auto", "chunked", "reference", "fla", "triton"] = "auto"
@@ -52,21 +74,31 @@ class StudentConfig:
     """Softmax window W of the `window_linear` mixer: a query sees its last W tokens (itself included)
     through softmax and all older ones through linear attention."""
     window_factor_init: float = 0.5
-    """Initial per-head mix w = sigmoid(logit) of the `window_linear` mixer's window branch, in (0, 1)."""
+    """Initial per-head mix w = sigmoid(logit) of the window branch (`window_linear`, `gated` with
+    `gated_window`), in (0, 1)."""
+    gated_window: bool = False
+    """`gated` mixer: add Liger's sliding-window softmax branch over the last `window` tokens, mixed per
+    head with the gated branch (weight init `window_factor_init`)."""
+    num_slots: int = 64
+    """Memory slots M of the `gated_slot` mixer."""
 
     def __post_init__(self) -> None:
         from linearize.architectures import FEATURE_MAPS, MIXERS
 
         _check_choice("student.mixer", self.mixer, sorted(MIXERS))
         _check_choice("student.feature_map", self.feature_map, sorted(FEATURE_MAPS))
-        if any(i < 0 for i in self.softmax_layers):
-            raise RecipeError(
-                f"student.softmax_layers must hold layer indices >= 0, got {self.softmax_layers}"
-            )
+        parse_layer_plan(self.layers)
         if self.eps <= 0:
             raise RecipeError(f"student.eps must be > 0, got {self.eps}")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise RecipeError(f"student.window must be an integer >= 1, got {self.window!r}")
+        if self.gated_window and self.mixer != "gated":
+            raise RecipeError(
+                f"student.gated_window applies to the `gated` mixer only, not to {self.mixer!r}; "
+                f"set student.mixer=gated or drop gated_window"
+            )
+        if isinstance(self.num_slots, bool) or not isinstance(self.num_slots, int) or self.num_slots < 1:
+            raise RecipeError(f"student.num_slots must be an integer >= 1, got {self.num_slots!r}")
         if not 0 < self.window_factor_init < 1:
             raise RecipeError(
                 f"student.window_factor_init must lie in the open interval (0, 1), got {self.window_factor_init}"
@@ -382,7 +414,7 @@ def load_recipe(name_or_path: str | None = None, overrides: dict[str, str] | Non
     """Resolve a recipe: a shipped name or a YAML path, then dotted `key=value` overrides.
 
     Override values are parsed as YAML scalars/lists (`stages.attention.steps=50`,
-    `student.softmax_layers=[0,3]`) and go through the same validation as the file.
+    `student.layers=[0,3]`) and go through the same validation as the file.
     """
     name_or_path = name_or_path or "tiny"
     shipped = shipped_recipes()

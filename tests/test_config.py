@@ -25,12 +25,12 @@ def test_dotted_overrides_are_typed():
         {
             "stages.attention.steps": "50",
             "stages.logits.lr": "3e-4",
-            "student.softmax_layers": "[0, 3]",
+            "student.layers": "[0, 3]",
             "student.feature_map": "t2r",
         },
     )
     assert r.stages.attention.steps == 50 and r.stages.logits.lr == 3e-4
-    assert r.student.softmax_layers == [0, 3] and r.student.feature_map == "t2r"
+    assert r.student.layers == [0, 3] and r.student.feature_map == "t2r"
 
 
 def test_unknown_key_lists_valid_keys():
@@ -49,7 +49,7 @@ def test_wrong_type_names_the_field():
 
 def test_bad_choice_lists_choices():
     with pytest.raises(
-        RecipeError, match=r"student\.feature_map='hedgehug' is not valid; choose one of: elu, hedgehog, t2r"
+        RecipeError, match=r"student\.feature_map='hedgehug' is not valid; choose one of: elu, hedgehog, relu, t2r"
     ):
         load_recipe("tiny", {"student.feature_map": "hedgehug"})
     with pytest.raises(RecipeError, match=r"train\.precision='fp8' is not valid; choose one of: fp32, bf16"):

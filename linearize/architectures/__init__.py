@@ -14,11 +14,15 @@ MIXERS: dict[str, str] = {
     "linear": "linearize.architectures.mixers:LinearMixer",
     "softmax": "linearize.architectures.mixers:SoftmaxMixer",
     "window_linear": "linearize.architectures.mixers:WindowLinearMixer",
+    "gated": "linearize.architectures.mixers:GatedMixer",
+    "gated_slot": "linearize.architectures.mixers:GatedSlotMixer",
+    "gated_delta": "linearize.architectures.mixers:GatedDeltaMixer",
 }
 FEATURE_MAPS: dict[str, str] = {
     "hedgehog": "linearize.architectures.feature_maps:Hedgehog",
     "t2r": "linearize.architectures.feature_maps:T2R",
     "elu": "linearize.architectures.feature_maps:EluPlusOne",
+    "relu": "linearize.architectures.feature_maps:Relu",
 }
 
 

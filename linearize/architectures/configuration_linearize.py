@@ -1,9 +1,10 @@
 """Configs of converted checkpoints: the teacher family's config plus a `linearize` section.
 
 One subclass per supported teacher family, so every field the family's modules read is there.
-`linearize` holds the plan: {"mixer", "feature_map", "softmax_layers", "eps", "teacher_model_type"}.
+`linearize` holds the plan (`linearize.convert.swap.plan_for`): the mixer and its settings, the resolved
+`softmax_layers`, and for an `auto:N` plan the layer ranking that chose them.
 `layer_types` marks converted layers "linear_attention", which gives them recurrent-state cache layers;
-`number_of_conv_states` says how many recurrent states each of them holds (5 for `window_linear`).
+`number_of_conv_states` says how many recurrent states each of them holds (`mixer_state_count`).
 """
 
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
@@ -54,8 +55,20 @@ def linearized_layer_types(config, spec: dict) -> list[str]:
     return types
 
 
-# Recurrent states per cache layer of each mixer (the fields of its decode state); 1 when not listed.
-MIXER_STATES = {"window_linear": 5}  # WindowLinearState: linear_state, k/fk/v_window, seen
+WINDOW_STATES = 5  # WindowLinearState: linear_state, k/fk/v_window, seen
+
+
+def mixer_state_count(spec: dict) -> int:
+    """Recurrent states a converted layer of this plan keeps in its cache entry (the fields of its decode
+    state); must agree with the mixer classes' `num_states` (a test checks it)."""
+    mixer = spec["mixer"]
+    if mixer == "window_linear":
+        return WINDOW_STATES
+    if mixer == "gated":
+        return 1 + (WINDOW_STATES if spec.get("gated_window") else 0)
+    if mixer == "gated_slot":
+        return 2  # Hk, Hv
+    return 1
 
 
 def linearized_cache_fields(config, spec: dict) -> dict:
@@ -63,5 +76,5 @@ def linearized_cache_fields(config, spec: dict) -> dict:
     every "linear_attention" layer `config.number_of_conv_states` recurrent states."""
     kept = set(spec.get("softmax_layers", []))
     converted = [i for i in range(config.num_hidden_layers) if i not in kept]
-    states = MIXER_STATES.get(spec["mixer"], 1) if converted else 1
+    states = mixer_state_count(spec) if converted else 1
     return {"number_of_conv_states": states} if states > 1 else {}

@@ -63,4 +63,17 @@ class EluPlusOne(FeatureMap):
         return (torch.nn.functional.elu(x.float()) + 1).to(x.dtype)
 
 
-FEATURE_MAP_CLASSES: dict[str, type[FeatureMap]] = {"hedgehog": Hedgehog, "t2r": T2R, "elu": EluPlusOne}
+class Relu(FeatureMap):
+    """relu(x): no parameters (a query or key with no positive coordinate attends to nothing; the
+    denominator's eps keeps that finite)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x)
+
+
+FEATURE_MAP_CLASSES: dict[str, type[FeatureMap]] = {
+    "hedgehog": Hedgehog,
+    "t2r": T2R,
+    "elu": EluPlusOne,
+    "relu": Relu,
+}

@@ -6,13 +6,16 @@ teacher attention's class to compute softmax attention with the same weights whe
 `forward` has the teacher attention's signature and returns `(output, None)`, so decoder layers are
 untouched.
 
+Every non-softmax mixer keeps a fixed-size decode state in its cache layer's recurrent states (how many:
+`configuration_linearize.mixer_state_count`); padded keys (`padding_mask` = 0) enter no state.
+
 Modes (set with `mode(model, name)`):
 - "student": the mixer's own math.
 - "teacher": softmax attention through the teacher class's own forward (same weights).
 - "align":   stage 1 — returns the teacher output (so every layer sees the teacher's input) and
              records MSE(student output, teacher output) in `alignment_loss`.
-- "window_only", "linear_only", "no_attention": branch controls of `WindowLinearMixer` (see its
-             docstring); kept softmax layers stay softmax, any other mixer refuses them.
+- "window_only", "linear_only", "no_attention": branch controls of the hybrid mixers (`window_linear`,
+             `gated` with a window); kept softmax layers stay softmax, any other mixer refuses them.
 """
 
 from __future__ import annotations
@@ -23,51 +26,135 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .feature_maps import FEATURE_MAP_CLASSES
-from .ops import WindowLinearState, linear_attn, window_linear, window_linear_step
+from .ops import (
+    WindowLinearState,
+    gated_delta,
+    gated_delta_step,
+    gated_linear_attn,
+    gated_linear_attn_step,
+    gated_slot_attn,
+    gated_slot_attn_step,
+    linear_attn,
+    window_linear,
+    window_linear_step,
+)
 
 CONTROL_MODES = ("window_only", "linear_only", "no_attention")
-MODES = ("student", "teacher", "align", *CONTROL_MODES)
+BASE_MODES = ("student", "teacher", "align")
+MODES = (*BASE_MODES, *CONTROL_MODES)
+PAD_SCORE = -30000.0  # softmax score of a padded key: representable in fp16/bf16, e^(PAD_SCORE - m) == 0
 
 
 class Mixer(nn.Module):
-    """Base class: owns the teacher attention's submodules and attributes, not the teacher module."""
+    """Base class: owns the teacher attention's submodules and attributes, not the teacher module.
+
+    `teacher_attn` may itself be a mixer (a converted layer rebuilt as another mixer, e.g. turned back
+    into softmax by an `auto:N` layer plan): then only the teacher's parts carry over.
+    """
+
+    supported_modes: tuple[str, ...] = BASE_MODES
+    num_states = 0  # recurrent states this mixer keeps in its cache layer
 
     def __init__(self, teacher_attn: nn.Module, spec: dict[str, Any]):
         super().__init__()
-        self.teacher_cls = type(teacher_attn)
-        for name, child in teacher_attn.named_children():
+        if isinstance(teacher_attn, Mixer):
+            self.teacher_cls = teacher_attn.teacher_cls
+            children = {n: getattr(teacher_attn, n) for n in teacher_attn.teacher_children}
+            attrs = {n: getattr(teacher_attn, n) for n in teacher_attn.teacher_attrs}
+        else:
+            self.teacher_cls = type(teacher_attn)
+            children = dict(teacher_attn.named_children())
+            attrs = {
+                n: v
+                for n, v in vars(teacher_attn).items()
+                if not n.startswith("_") and n != "training" and not isinstance(v, nn.Module)
+            }
+        for name, child in children.items():
             self.add_module(name, child)
-        for name, value in vars(teacher_attn).items():
-            if not name.startswith("_") and name != "training" and not isinstance(value, nn.Module):
-                setattr(self, name, value)
+        for name, value in attrs.items():
+            setattr(self, name, value)
+        self.teacher_children = tuple(children)
+        self.teacher_attrs = tuple(attrs)
         self.spec = dict(spec)
         self.num_heads = self.config.num_attention_heads
         self.num_kv_heads = self.config.num_key_value_heads
         self.mode = "student"
         self.alignment_loss: torch.Tensor | None = None
-
-    supported_modes: tuple[str, ...] = ("student", "teacher", "align")
+        self.eps = float(spec.get("eps", 1e-6))
+        self.impl = spec.get("impl", "auto")
+        self.softmax_scale = float(getattr(self, "scaling", self.head_dim**-0.5))
 
     def new_parameter_names(self) -> list[str]:
         """Names (relative to this module) of parameters the teacher did not have."""
-        return []
+        return [n for n, _ in self.named_parameters() if n.split(".")[0] not in self.teacher_children]
 
-    def rotary_qkv(self, hidden_states, position_embeddings):
-        """q: [B, T, H, D], k, v: [B, T, H_kv, D] after the teacher's q/k norms and RoPE."""
+    # ---- shared pieces -------------------------------------------------------------------------------
+    def add_feature_maps(self) -> int:
+        """feature_map_q / feature_map_k from the plan; returns the feature dimension F."""
+        fmap = FEATURE_MAP_CLASSES[self.spec["feature_map"]]
+        self.feature_map_q = fmap(self.num_heads, self.head_dim)
+        self.feature_map_k = fmap(self.num_kv_heads, self.head_dim)
+        return fmap.feature_dim(self.head_dim)
+
+    def project(self, hidden_states):
+        """Raw q: [B, T, H, D], k, v: [B, T, H_kv, D] (before q/k norms and RoPE)."""
         batch, seq = hidden_states.shape[:2]
         q = self.q_proj(hidden_states).view(batch, seq, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(batch, seq, self.num_kv_heads, self.head_dim)
         v = self.v_proj(hidden_states).view(batch, seq, self.num_kv_heads, self.head_dim)
-        if getattr(self, "q_norm", None) is not None:  # Qwen3's per-head RMSNorm
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)  # [B, T, H, D] layout
         return q, k, v
 
+    def rotate(self, q, k, position_embeddings):
+        """The teacher's q/k norms (Qwen3) and RoPE, in the [B, T, H, D] layout."""
+        if getattr(self, "q_norm", None) is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = position_embeddings
+        return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+
+    def rotary_qkv(self, hidden_states, position_embeddings):
+        """q: [B, T, H, D], k, v: [B, T, H_kv, D] after the teacher's q/k norms and RoPE."""
+        q, k, v = self.project(hidden_states)
+        q, k = self.rotate(q, k, position_embeddings)
+        return q, k, v
+
+    def repeat_kv(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """[B, T, H_kv, *] -> [B, T, H, *] (GQA: each kv head serves `groups` query heads)."""
+        groups = self.num_heads // self.num_kv_heads
+        return tuple(x.repeat_interleave(groups, dim=2) if groups > 1 else x for x in xs)
+
+    @staticmethod
+    def key_mask(kwargs: dict, seq: int) -> torch.Tensor | None:
+        """[B, T] bool, False at padded positions of this chunk, or None when nothing is padded."""
+        padding_mask = kwargs.get("padding_mask")
+        return None if padding_mask is None else padding_mask[:, -seq:].bool()
+
+    def load_states(self, cache, count: int, first: int = 0) -> list[torch.Tensor] | None:
+        """Recurrent states first..first+count-1 of this layer's cache entry, or None before any write."""
+        if cache is None:
+            return None
+        layer = cache.layers[self.layer_idx]
+        have = getattr(layer, "number_of_states", 0)
+        if have < first + count:
+            raise ValueError(
+                f"layer {self.layer_idx}: the {type(self).__name__} keeps {first + count} recurrent states, but "
+                f"its cache layer {type(layer).__name__} has {have}; build the cache from a converted config "
+                f"(config.number_of_conv_states = {first + count})"
+            )
+        parts = [cache.get_recurrent_state(self.layer_idx, first + i) for i in range(count)]
+        return None if parts[0] is None else parts
+
+    def store_states(self, cache, states, first: int = 0) -> None:
+        for i, part in enumerate(states):
+            cache.update_recurrent_state(part, self.layer_idx, first + i)
+            # transformers marks a state as present only when a conv state is written; we have none
+            cache.layers[self.layer_idx].has_previous_state[first + i] = True
+
+    # ---- forward -------------------------------------------------------------------------------------
     def softmax_forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
         """The teacher's attention, computed by its own class with this mixer's weights."""
         return self.teacher_cls.forward(
@@ -86,9 +173,19 @@ class Mixer(nn.Module):
                     hidden_states, position_embeddings, attention_mask, None, **kwargs
                 )
             out = self.student_forward(hidden_states, position_embeddings, attention_mask, None, **kwargs)
-            self.alignment_loss = torch.nn.functional.mse_loss(out.float(), target.float())
+            self.alignment_loss = F.mse_loss(out.float(), target.float())
             return target, None
         return self.student_forward(hidden_states, position_embeddings, attention_mask, cache, **kwargs), None
+
+    def heads_out(self, out: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """o_proj of [B, T, H, V] head outputs."""
+        batch, seq = hidden_states.shape[:2]
+        return self.o_proj(out.reshape(batch, seq, -1).to(hidden_states.dtype))
+
+    def no_attention(self, hidden_states):
+        """o_proj(0): the "no_attention" control (o_proj's bias where it has one)."""
+        batch, seq = hidden_states.shape[:2]
+        return self.o_proj(hidden_states.new_zeros(batch, seq, self.num_heads * self.head_dim))
 
 
 class SoftmaxMixer(Mixer):
@@ -114,48 +211,79 @@ class LinearMixer(Mixer):
     column is the running key sum of the normaliser.
     """
 
+    num_states = 1
+
     def __init__(self, teacher_attn: nn.Module, spec: dict[str, Any]):
         super().__init__(teacher_attn, spec)
-        fmap = FEATURE_MAP_CLASSES[spec["feature_map"]]
-        self.feature_map_q = fmap(self.num_heads, self.head_dim)
-        self.feature_map_k = fmap(self.num_kv_heads, self.head_dim)
-        self.eps = float(spec.get("eps", 1e-6))
-        self.impl = spec.get("impl", "auto")
-
-    def new_parameter_names(self) -> list[str]:
-        return [n for n, _ in self.named_parameters() if n.startswith(("feature_map_q.", "feature_map_k."))]
+        self.add_feature_maps()
 
     def student_forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
-        batch, seq = hidden_states.shape[:2]
         q, k, v = self.rotary_qkv(hidden_states, position_embeddings)
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)
-        padding_mask = kwargs.get("padding_mask")
-        if padding_mask is not None:  # padded keys must not enter the state or the normaliser
-            fk = fk * padding_mask[:, -seq:, None, None].to(fk.dtype)
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            fk = fk.repeat_interleave(groups, dim=2)
-            v = v.repeat_interleave(groups, dim=2)
-        state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
-        out, final_state = linear_attn(
+        keep = self.key_mask(kwargs, q.shape[1])
+        if keep is not None:  # padded keys must not enter the state or the normaliser
+            fk = fk * keep[:, :, None, None].to(fk.dtype)
+        fk, v = self.repeat_kv(fk, v)
+        return self.heads_out(self.linear_attention(fq, fk, v, cache), hidden_states)
+
+    def linear_attention(self, fq, fk, v, cache, first_state: int = 0):
+        state = self.load_states(cache, 1, first_state)
+        out, final = linear_attn(
             fq,
             fk,
             v,
             scale=1.0,
             normalize=True,
             eps=self.eps,
-            initial_state=state,
+            initial_state=None if state is None else state[0],
             output_final_state=cache is not None,
             impl=self.impl,
         )
         if cache is not None:
-            cache.update_recurrent_state(final_state, self.layer_idx)
-            # transformers marks a state as present only when a conv state is written; we have none
-            cache.layers[self.layer_idx].has_previous_state[0] = True
-        return self.o_proj(out.reshape(batch, seq, -1).to(hidden_states.dtype))
+            self.store_states(cache, [final], first_state)
+        return out
 
 
-class WindowLinearMixer(Mixer):
+def windowed_attention(mixer, q, k, v, fq, fk, keep, window_factor, cache, first_state):
+    """Run the `window_linear` op for a mixer, with its decode state at recurrent states
+    first_state..first_state+4 of the mixer's cache layer.
+
+    Padded keys get PAD_SCORE through one extra q/k column (q: 1/scale, k: 0 or PAD_SCORE), which also
+    travels in the cached window slots. A finite score rather than -inf: a padded query whose window holds
+    only padded keys gets a finite (unused) output instead of NaN, and e^PAD_SCORE is exactly 0 in float32
+    for every real query, whose window always holds its own key. The column is added only where padding or
+    a cache can occur (not in training on packed blocks), and is exactly 0 for real keys.
+    """
+    if cache is not None or (keep is not None and not bool(keep.all())):
+        pad = torch.zeros_like(k[..., :1])
+        if keep is not None:
+            pad = pad.masked_fill(~keep[:, :, None, None], PAD_SCORE)
+        q = torch.cat([q, torch.full_like(q[..., :1], 1 / mixer.softmax_scale)], dim=-1)
+        k = torch.cat([k, pad], dim=-1)
+    n = len(WindowLinearState._fields)
+    parts = mixer.load_states(cache, n, first_state)
+    state = None if parts is None else WindowLinearState(*parts)
+    args = dict(window=mixer.window, window_factor=window_factor, scale=mixer.softmax_scale, eps=mixer.eps)
+    if state is not None and q.shape[1] == 1:
+        out, final = window_linear_step(q, k, v, fq, fk, state, **args)
+    else:
+        out, final = window_linear(
+            q,
+            k,
+            v,
+            fq,
+            fk,
+            initial_state=state,
+            output_final_state=cache is not None,
+            impl=mixer.impl,
+            **args,
+        )
+    if cache is not None:
+        mixer.store_states(cache, final, first_state)
+    return out
+
+
+class WindowLinearMixer(LinearMixer):
     """LoLCATs' hybrid attention: softmax over the last W tokens plus feature-mapped linear attention over
     the older ones, with one shared normaliser and a learned per-head mix w = sigmoid(window_factor_logit):
 
@@ -163,15 +291,7 @@ class WindowLinearMixer(Mixer):
 
     (op `window_linear`, see linearize/kernels/window_linear/README.md). q and k are taken after q/k norms
     and RoPE for both parts. Decoding keeps a fixed-size `WindowLinearState` per layer (W window slots and
-    one [F, V+1] state per head) as the five recurrent states of the layer's cache entry
-    (`config.number_of_conv_states` = 5, see `configuration_linearize.linearized_cache_fields`).
-
-    Padded keys (`padding_mask` = 0) enter neither part: their feature keys are zeroed, and their softmax
-    scores get PAD_SCORE through one extra q/k column (q: 1/scale, k: 0 or PAD_SCORE), which also travels
-    in the cached window slots. A finite score rather than -inf: a padded query whose window holds only
-    padded keys gets a finite (unused) output instead of NaN, and e^PAD_SCORE is exactly 0 in float32 for
-    every real query, whose window always holds its own key. The column is added only where padding or a
-    cache can occur (not in training on packed blocks), and exactly 0 for real keys.
+    one [F, V+1] state per head) as the five recurrent states of the layer's cache entry.
 
     Branch controls (modes), for the evals' `controls` task:
     - "window_only": the window branch alone (w = 1): the same op with phi(q) = 0, so the output is the
@@ -183,119 +303,259 @@ class WindowLinearMixer(Mixer):
     """
 
     supported_modes = MODES
-    PAD_SCORE = -30000.0  # representable in fp16/bf16; e^(PAD_SCORE - m) underflows to 0
+    PAD_SCORE = PAD_SCORE
     num_states = len(WindowLinearState._fields)
 
     def __init__(self, teacher_attn: nn.Module, spec: dict[str, Any]):
         super().__init__(teacher_attn, spec)
-        fmap = FEATURE_MAP_CLASSES[spec["feature_map"]]
-        self.feature_map_q = fmap(self.num_heads, self.head_dim)
-        self.feature_map_k = fmap(self.num_kv_heads, self.head_dim)
         self.window = int(spec.get("window", 64))
         init = float(spec.get("window_factor_init", 0.5))
         self.window_factor_logit = nn.Parameter(torch.full((self.num_heads,), math.log(init / (1 - init))))
-        self.eps = float(spec.get("eps", 1e-6))
-        self.impl = spec.get("impl", "auto")
-        self.softmax_scale = float(getattr(self, "scaling", self.head_dim**-0.5))
 
-    def new_parameter_names(self) -> list[str]:
-        return [
-            n
-            for n, _ in self.named_parameters()
-            if n.startswith(("feature_map_q.", "feature_map_k.")) or n == "window_factor_logit"
-        ]
+    def student_forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+        if self.mode == "no_attention":
+            return self.no_attention(hidden_states)
+        q, k, v = self.rotary_qkv(hidden_states, position_embeddings)
+        fq, fk = self.feature_map_q(q), self.feature_map_k(k)
+        keep = self.key_mask(kwargs, q.shape[1])
+        if keep is not None:  # padded keys must not enter the state or the normaliser
+            fk = fk * keep[:, :, None, None].to(fk.dtype)
+        k, fk, v = self.repeat_kv(k, fk, v)
+        if self.mode == "linear_only":
+            out = self.linear_attention(fq, fk, v, cache)
+        else:
+            if self.mode == "window_only":
+                fq = torch.zeros_like(fq)
+            window_factor = torch.sigmoid(self.window_factor_logit.float())
+            out = windowed_attention(self, q, k, v, fq, fk, keep, window_factor, cache, 0)
+        return self.heads_out(out, hidden_states)
 
-    def cached_state(self, cache) -> WindowLinearState | None:
-        if cache is None:
-            return None
-        layer = cache.layers[self.layer_idx]
-        if getattr(layer, "number_of_states", 0) < self.num_states:
-            raise ValueError(
-                f"layer {self.layer_idx}: the window_linear mixer keeps {self.num_states} recurrent states, but "
-                f"its cache layer {type(layer).__name__} has {getattr(layer, 'number_of_states', 0)}; build the "
-                f"cache from a converted config (config.number_of_conv_states = {self.num_states})"
+
+class GatedMixer(Mixer):
+    """Gated linear attention in the Liger style (Lan et al., 2025), normalised like the `linear` mixer:
+
+        S_t = diag(a_t) S_{t-1} + phi(k_t) [v_t, 1]^T,   o_t = num / (den + eps),   [num, den] = phi(q_t)^T S_t
+
+    with a per-feature forget gate a_t = exp(g_t) that adds no projection: g_t = logsigmoid(pool(k_t) +
+    gate_bias) / 16, where pool averages the teacher's key projection k_proj(x_t) (before norm and RoPE)
+    down or up to H_kv * F features, as Liger does, and gate_bias [H_kv, F] (zeros) is the only new gate
+    parameter. The last state column carries the decayed normaliser. Op `gated_linear_attn` (fla's
+    chunk_gla on CUDA). Decode state: [B, H, F, V+1] in recurrent state 0.
+
+    With `gated_window` (Liger Attention), each head also attends by exact softmax to its last W tokens and
+    mixes the two separately normalised outputs: o = w * window + (1 - w) * gated, w = sigmoid(logit) per
+    head (init `window_factor_init`); the window's decode state (a ring buffer of W keys/values) fills
+    recurrent states 1..5. Then the branch controls apply: window_only (w = 1), linear_only (w = 0),
+    no_attention (o_proj(0)).
+    """
+
+    GATE_NORMALIZER = 16.0
+
+    def __init__(self, teacher_attn: nn.Module, spec: dict[str, Any]):
+        super().__init__(teacher_attn, spec)
+        self.feature_dim = self.add_feature_maps()
+        self.gate_bias = nn.Parameter(torch.zeros(self.num_kv_heads, self.feature_dim))
+        self.window = int(spec.get("window", 64)) if spec.get("gated_window") else 0
+        self.num_states = 1 + (len(WindowLinearState._fields) if self.window else 0)
+        if self.window:
+            self.supported_modes = MODES
+            init = float(spec.get("window_factor_init", 0.5))
+            self.window_factor_logit = nn.Parameter(
+                torch.full((self.num_heads,), math.log(init / (1 - init)))
             )
-        parts = [cache.get_recurrent_state(self.layer_idx, i) for i in range(self.num_states)]
-        return None if parts[0] is None else WindowLinearState(*parts)
 
-    def store_state(self, cache, state) -> None:
-        for i, part in enumerate(state):
-            cache.update_recurrent_state(part, self.layer_idx, i)
-            # transformers marks a state as present only when a conv state is written; we have none
-            cache.layers[self.layer_idx].has_previous_state[i] = True
+    def log_decay(self, k_raw: torch.Tensor) -> torch.Tensor:
+        """g: [B, T, H_kv, F] float32 log forget gate, pooled from the raw key projection."""
+        batch, seq = k_raw.shape[:2]
+        pooled = F.adaptive_avg_pool1d(
+            k_raw.reshape(batch, seq, -1).float(), self.num_kv_heads * self.feature_dim
+        )
+        pooled = pooled.view(batch, seq, self.num_kv_heads, self.feature_dim) + self.gate_bias.float()
+        return F.logsigmoid(pooled) / self.GATE_NORMALIZER
+
+    def student_forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+        if self.mode == "no_attention":
+            return self.no_attention(hidden_states)
+        q, k_raw, v = self.project(hidden_states)
+        g = self.log_decay(k_raw)
+        q, k = self.rotate(q, k_raw, position_embeddings)
+        fq, fk = self.feature_map_q(q), self.feature_map_k(k)
+        keep = self.key_mask(kwargs, q.shape[1])
+        if keep is not None:  # a padded token writes nothing and decays nothing
+            fk = fk * keep[:, :, None, None].to(fk.dtype)
+            g = g * keep[:, :, None, None]
+        k, fk, v, g = self.repeat_kv(k, fk, v, g)
+        if self.mode == "window_only":
+            out = self.window_branch(q, k, v, keep, cache)
+        elif self.mode == "linear_only" or not self.window:
+            out = self.gated(fq, fk, v, g, cache)
+        else:
+            gated = self.gated(fq, fk, v, g, cache)
+            window = self.window_branch(q, k, v, keep, cache)
+            w = torch.sigmoid(self.window_factor_logit.float())[:, None]
+            out = w * window.float() + (1 - w) * gated.float()
+        return self.heads_out(out, hidden_states)
+
+    def window_branch(self, q, k, v, keep, cache):
+        """Exact softmax over the last W keys: the window_linear op with phi(q) = phi(k) = 0 (width 1), whose
+        output is then sum e^s v / (sum e^s + eps / w) for any mix w; w = 1/2."""
+        zeros = q.new_zeros(*q.shape[:3], 1)
+        half = torch.full((self.num_heads,), 0.5, device=q.device)
+        return windowed_attention(self, q, k, v, zeros, zeros, keep, half, cache, 1)
+
+    def gated(self, fq, fk, v, g, cache):
+        v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+        state = self.load_states(cache, 1)
+        if state is not None and fq.shape[1] == 1:
+            out, final = gated_linear_attn_step(fq, fk, v1, g, state[0], scale=1.0)
+        else:
+            out, final = gated_linear_attn(
+                fq,
+                fk,
+                v1,
+                g,
+                scale=1.0,
+                initial_state=None if state is None else state[0],
+                output_final_state=cache is not None,
+                impl=self.impl,
+            )
+        if cache is not None:
+            self.store_states(cache, [final])
+        out = out.float()
+        return out[..., :-1] / (out[..., -1:] + self.eps)
+
+
+class GatedSlotMixer(Mixer):
+    """Gated slot attention (GSA, Zhang et al., 2024) over M memory slots (`num_slots`, default 64):
+
+        Hk_t = diag(a_t) Hk_{t-1} + phi(k_t) s_t^T,   Hv_t = diag(a_t) Hv_{t-1} + s_t v_t^T
+        o_t = Hv_t^T softmax(scale * Hk_t^T phi(q_t))
+
+    a softmax over slots instead of over tokens. The slot gate comes from one small new projection
+    slot_proj: hidden -> H_kv * M: g = logsigmoid(slot_proj(x)) / 8 (fla's normaliser), a = exp(g), and the
+    write strength s = 1 - a, so each slot is an exponential moving average of what it is written (its
+    memory needs no extra normaliser). slot_proj starts small and random (std 0.02 / sqrt(hidden/64)):
+    every slot begins with a decay near 0.917 per token, and the randomness breaks the slots' symmetry.
+    Scores use the teacher's softmax scale on feature-mapped q and k, i.e. the T2R setting: with the
+    t2r map (ReLU(xW + b), identity init) phi(q).phi(k) starts as the teacher's ReLU-clipped q.k.
+    Op `gated_slot_attn` (fla's chunk_gsa on CUDA). Decode state: (Hk [B, H, F, M], Hv [B, H, M, V]).
+    """
+
+    GATE_NORMALIZER = 8.0
+    num_states = 2
+
+    def __init__(self, teacher_attn: nn.Module, spec: dict[str, Any]):
+        super().__init__(teacher_attn, spec)
+        self.add_feature_maps()
+        self.num_slots = int(spec.get("num_slots", 64))
+        hidden = self.config.hidden_size
+        self.slot_proj = nn.Linear(hidden, self.num_kv_heads * self.num_slots, bias=False)
+        nn.init.normal_(self.slot_proj.weight, std=0.02 / math.sqrt(max(hidden / 64, 1.0)))
 
     def student_forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
         batch, seq = hidden_states.shape[:2]
-        if self.mode == "no_attention":
-            return self.o_proj(hidden_states.new_zeros(batch, seq, self.num_heads * self.head_dim))
         q, k, v = self.rotary_qkv(hidden_states, position_embeddings)
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)
-        padding_mask = kwargs.get("padding_mask")
-        keep = None if padding_mask is None else padding_mask[:, -seq:].bool()
-        if keep is not None:  # padded keys must not enter the state or the normaliser
-            fk = fk * keep[:, :, None, None].to(fk.dtype)
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            k, fk, v = (x.repeat_interleave(groups, dim=2) for x in (k, fk, v))
-        if self.mode == "linear_only":
-            out = self.linear_only(fq, fk, v, cache)
+        f = self.slot_proj(hidden_states).view(batch, seq, self.num_kv_heads, self.num_slots)
+        g = F.logsigmoid(f.float()) / self.GATE_NORMALIZER
+        s = 1 - g.exp()
+        keep = self.key_mask(kwargs, seq)
+        if keep is not None:  # a padded token writes nothing and decays nothing
+            m = keep[:, :, None, None]
+            fk, s, g = fk * m.to(fk.dtype), s * m, g * m
+        fk, v, s, g = self.repeat_kv(fk, v, s, g)
+        state = self.load_states(cache, 2)
+        if state is not None and seq == 1:
+            out, final = gated_slot_attn_step(fq, fk, v, s, g, tuple(state), scale=self.softmax_scale)
         else:
-            out = self.window_linear(q, k, v, fq, fk, keep, cache)
-        return self.o_proj(out.reshape(batch, seq, -1).to(hidden_states.dtype))
-
-    def linear_only(self, fq, fk, v, cache):
-        state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
-        out, final = linear_attn(
-            fq,
-            fk,
-            v,
-            scale=1.0,
-            normalize=True,
-            eps=self.eps,
-            initial_state=state,
-            output_final_state=cache is not None,
-            impl=self.impl,
-        )
-        if cache is not None:
-            cache.update_recurrent_state(final, self.layer_idx)
-            cache.layers[self.layer_idx].has_previous_state[0] = True
-        return out
-
-    def window_linear(self, q, k, v, fq, fk, keep, cache):
-        if self.mode == "window_only":
-            fq = torch.zeros_like(fq)
-        if cache is not None or (keep is not None and not bool(keep.all())):
-            pad = torch.zeros_like(k[..., :1])
-            if keep is not None:
-                pad = pad.masked_fill(~keep[:, :, None, None], self.PAD_SCORE)
-            q = torch.cat([q, torch.full_like(q[..., :1], 1 / self.softmax_scale)], dim=-1)
-            k = torch.cat([k, pad], dim=-1)
-        state = self.cached_state(cache)
-        window_factor = torch.sigmoid(self.window_factor_logit.float())
-        args = dict(window=self.window, window_factor=window_factor, scale=self.softmax_scale, eps=self.eps)
-        if state is not None and q.shape[1] == 1:
-            out, final = window_linear_step(q, k, v, fq, fk, state, **args)
-        else:
-            out, final = window_linear(
-                q,
-                k,
-                v,
+            out, final = gated_slot_attn(
                 fq,
                 fk,
-                initial_state=state,
+                v,
+                s,
+                g,
+                scale=self.softmax_scale,
+                initial_state=None if state is None else tuple(state),
+                output_final_state=cache is not None,
+                impl=self.impl,
+            )
+        if cache is not None:
+            self.store_states(cache, final)
+        return self.heads_out(out, hidden_states)
+
+
+class GatedDeltaMixer(Mixer):
+    """Gated DeltaNet (Yang et al., 2025) on the teacher's projections, as in RADLADS-like conversions:
+
+        S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T,   o_t = S_t^T q_t
+
+    with q, k the feature-mapped (after q/k norms and RoPE) and L2-normalised teacher queries and keys.
+    New parameters, all per head and started small: the write strength b_t = sigmoid(beta_proj(x_t))
+    (weights std 1e-3, bias 0: b = 0.5), and the decay a_t = exp(g_t), g_t = -exp(A_log) *
+    softplus(decay_proj(x_t) + dt_bias) (Mamba-2 style: weights std 1e-3, A in [1, 16], dt in [1e-3, 0.1]
+    log-uniform, so heads start with memories from a few to a thousand tokens). Op `gated_delta` (fla's
+    chunk_gated_delta_rule on CUDA). Decode state: [B, H, F, V].
+    """
+
+    num_states = 1
+
+    def __init__(self, teacher_attn: nn.Module, spec: dict[str, Any]):
+        super().__init__(teacher_attn, spec)
+        self.add_feature_maps()
+        hidden, heads = self.config.hidden_size, self.num_heads
+        self.beta_proj = nn.Linear(hidden, heads, bias=True)
+        self.decay_proj = nn.Linear(hidden, heads, bias=False)
+        for proj in (self.beta_proj, self.decay_proj):
+            nn.init.normal_(proj.weight, std=1e-3)
+        nn.init.zeros_(self.beta_proj.bias)
+        self.A_log = nn.Parameter(torch.empty(heads).uniform_(1, 16).log())
+        dt = torch.empty(heads).uniform_(math.log(1e-3), math.log(0.1)).exp()
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+
+    def student_forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+        seq = hidden_states.shape[1]
+        q, k, v = self.rotary_qkv(hidden_states, position_embeddings)
+        fq, fk = self.feature_map_q(q), self.feature_map_k(k)
+        beta = torch.sigmoid(self.beta_proj(hidden_states).float())
+        g = -self.A_log.float().exp() * F.softplus(
+            self.decay_proj(hidden_states).float() + self.dt_bias.float()
+        )
+        keep = self.key_mask(kwargs, seq)
+        if keep is not None:  # a padded token writes nothing and decays nothing
+            fk, beta, g = (
+                fk * keep[:, :, None, None].to(fk.dtype),
+                beta * keep[..., None],
+                g * keep[..., None],
+            )
+        fk, v = self.repeat_kv(fk, v)
+        state = self.load_states(cache, 1)
+        args = dict(scale=1.0, use_qk_l2norm=True)
+        if state is not None and seq == 1:
+            out, final = gated_delta_step(fq, fk, v, g, beta, state[0], **args)
+        else:
+            out, final = gated_delta(
+                fq,
+                fk,
+                v,
+                g,
+                beta,
+                initial_state=None if state is None else state[0],
                 output_final_state=cache is not None,
                 impl=self.impl,
                 **args,
             )
         if cache is not None:
-            self.store_state(cache, final)
-        return out
+            self.store_states(cache, [final])
+        return self.heads_out(out, hidden_states)
 
 
 MIXER_CLASSES: dict[str, type[Mixer]] = {
     "linear": LinearMixer,
     "softmax": SoftmaxMixer,
     "window_linear": WindowLinearMixer,
+    "gated": GatedMixer,
+    "gated_slot": GatedSlotMixer,
+    "gated_delta": GatedDeltaMixer,
 }
 
 
@@ -322,6 +582,16 @@ def apply_plan(layers: nn.ModuleList, spec: dict[str, Any]) -> None:
         layer.self_attn = build_mixer(attn, {**spec, "mixer": layer_mixer_name(spec, idx)})
 
 
+def keep_softmax(layers: nn.ModuleList, indices: list[int]) -> None:
+    """Turn the converted layers `indices` back into the teacher's softmax attention (their new
+    parameters are dropped), e.g. for the layers an `auto:N` plan keeps."""
+    for idx in indices:
+        attn = layers[idx].self_attn
+        if not isinstance(attn, Mixer):
+            raise ValueError(f"layer {idx} is not converted ({type(attn).__name__})")
+        layers[idx].self_attn = SoftmaxMixer(attn, {**attn.spec, "mixer": "softmax"})
+
+
 def mixers(model: nn.Module) -> list[Mixer]:
     return [m for m in model.modules() if isinstance(m, Mixer)]
 
@@ -335,7 +605,8 @@ def mode(model: nn.Module, name: str) -> Iterator[list[Mixer]]:
     for m in found:
         if name not in m.supported_modes:
             raise ValueError(
-                f"mode {name!r} needs a window_linear mixer; layer {m.layer_idx} is {type(m).__name__}"
+                f"mode {name!r} needs a hybrid mixer (window_linear, or gated with student.gated_window); "
+                f"layer {m.layer_idx} is {type(m).__name__}"
             )
     previous = [m.mode for m in found]
     for m in found:

@@ -2,14 +2,23 @@
 
 With linearize installed this is `linearize.kernels` (its dispatch picks Triton/fla on CUDA, chunked
 torch elsewhere). A converted checkpoint loaded with `trust_remote_code=True` where linearize is not
-installed falls back to the chunked torch forms that the export copies beside this file (they import
-only torch).
+installed falls back to the chunked torch and step forms that the export copies beside this file (they
+import only torch).
 """
 
 try:
+    from linearize.kernels.gated_delta import gated_delta, gated_delta_step
+    from linearize.kernels.gated_linear_attn import gated_linear_attn, gated_linear_attn_step
+    from linearize.kernels.gated_slot_attn import gated_slot_attn, gated_slot_attn_step
     from linearize.kernels.linear_attn import linear_attn
     from linearize.kernels.window_linear import WindowLinearState, window_linear, window_linear_step
 except ImportError:
+    from .gated_delta_chunked import gated_delta_chunked as _delta_chunked
+    from .gated_delta_step import gated_delta_step
+    from .gated_linear_attn_chunked import gated_linear_attn_chunked as _gla_chunked
+    from .gated_linear_attn_step import gated_linear_attn_step
+    from .gated_slot_attn_chunked import gated_slot_attn_chunked as _gsa_chunked
+    from .gated_slot_attn_step import gated_slot_attn_step
     from .linear_attn_chunked import linear_attn_chunked as _chunked
     from .window_linear_chunked import WindowLinearState
     from .window_linear_chunked import window_linear_chunked as _window_chunked
@@ -27,5 +36,28 @@ except ImportError:
         """One decode step from a WindowLinearState (never None here: the mixer steps only from a cache)."""
         return _window_step(q, k, v, fq, fk, state, **kwargs)
 
+    def gated_linear_attn(q, k, v, g, *, impl="auto", **kwargs):
+        """Chunked torch GLA (see linearize/kernels/gated_linear_attn/README.md)."""
+        return _gla_chunked(q, k, v, g, **kwargs)
 
-__all__ = ["WindowLinearState", "linear_attn", "window_linear", "window_linear_step"]
+    def gated_slot_attn(q, k, v, s, g=None, *, impl="auto", **kwargs):
+        """Chunked torch GSA (see linearize/kernels/gated_slot_attn/README.md)."""
+        return _gsa_chunked(q, k, v, s, g, **kwargs)
+
+    def gated_delta(q, k, v, g, beta, *, impl="auto", **kwargs):
+        """Chunked torch gated delta rule (see linearize/kernels/gated_delta/README.md)."""
+        return _delta_chunked(q, k, v, g, beta, **kwargs)
+
+
+__all__ = [
+    "WindowLinearState",
+    "gated_delta",
+    "gated_delta_step",
+    "gated_linear_attn",
+    "gated_linear_attn_step",
+    "gated_slot_attn",
+    "gated_slot_attn_step",
+    "linear_attn",
+    "window_linear",
+    "window_linear_step",
+]

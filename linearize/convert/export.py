@@ -27,9 +27,9 @@ from linearize.distill import checkpoint
 # Files of linearize/architectures a checkpoint carries, and where kernels' torch forms go in it.
 BUNDLE = ("configuration_linearize.py", "modeling_linearize.py", "mixers.py", "feature_maps.py", "ops.py")
 KERNEL_COPIES = {
-    "linear_attn/chunked.py": "linear_attn_chunked.py",
-    "window_linear/chunked.py": "window_linear_chunked.py",
-    "window_linear/step.py": "window_linear_step.py",
+    f"{op}/{form}.py": f"{op}_{form}.py"
+    for op in ("linear_attn", "window_linear", "gated_linear_attn", "gated_slot_attn", "gated_delta")
+    for form in ("chunked", "step")
 }
 MAX_SHARD_SIZE = "5GB"  # transformers' default (50GB) is the Hub's hard per-file limit
 
@@ -75,6 +75,22 @@ def model_card(recipe: Recipe, plan: dict, evals: dict, tokens: dict) -> str:
         tags=["linearize", "linear-attention", f"mixer-{plan['mixer']}", plan["teacher_model_type"]],
     )
     rows = "\n".join(f"| {name} | {v['ppl']:.3f} | {v['tokens']} |" for name, v in evals.items())
+    ranking = ""
+    if plan.get("layer_ranking"):
+        kind = {r["layer"]: plan["mixer"] for r in plan["layer_ranking"]}
+        kind.update(dict.fromkeys(plan["softmax_layers"], "softmax"))
+        lines = "\n".join(
+            f"| {r['layer']} | {r['loss']:.4g} | {kind[r['layer']]} |" for r in plan["layer_ranking"]
+        )
+        ranking = f"""
+## Layer plan `{plan["layers"]}`
+
+Stage-1 alignment loss of each layer after stage 1 (highest first); the top {plan["auto_softmax"]} keep softmax.
+
+| layer | loss | kept as |
+|---|---|---|
+{lines}
+"""
     budget = ", ".join(f"{stage}: {n:,} tokens" for stage, n in tokens.items())
     text = f"""---
 {data.to_yaml()}
@@ -89,7 +105,7 @@ Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (
 
 ## Distillation
 {budget}
-
+{ranking}
 ## Held-out perplexity (teacher and student, same tokens)
 
 | model | perplexity | tokens |

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from linearize.architectures.mixers import keep_softmax
 from linearize.config import Recipe, RecipeError
 from linearize.convert.export import export
 from linearize.convert.swap import plan_for, swap
@@ -19,7 +20,7 @@ from linearize.convert.teachers import load_teacher
 from linearize.distill import checkpoint
 from linearize.distill.data import build_splits
 from linearize.distill.loop import MetricsLog, make_accelerator, train_stage
-from linearize.distill.stages import attention_stage, logits_stage
+from linearize.distill.stages import attention_stage, logits_stage, rank_layers
 from linearize.evals.perplexity import perplexity
 
 STAGES = ("attention", "logits")
@@ -159,6 +160,10 @@ def convert(recipe: Recipe) -> Path:
             )
         if splits.heldout:
             evals.get(f"student_after_{stage}", lambda: ppl(student))
+        if stage == "attention" and plan.get("auto_softmax"):
+            apply_auto_plan(student, plan, splits.train, recipe, run_dir, is_main, accelerator.print)
+            if splits.heldout:
+                evals.get("student_after_layer_plan", lambda: ppl(student))
 
     out = (
         export(student, tokenizer, plan, recipe, run_dir / "final", evals.results, tokens)
@@ -178,6 +183,32 @@ def convert(recipe: Recipe) -> Path:
             run_eval_tasks(recipe, out, accelerator.device, accelerator.print)
     accelerator.print(f"exported to {out}")
     return out
+
+
+RANKING_BLOCKS = 16  # training blocks the layer ranking of an auto:N plan averages over
+
+
+def apply_auto_plan(
+    student, plan: dict, train_blocks, recipe: Recipe, run_dir: Path, is_main: bool, log
+) -> None:
+    """`student.layers=auto:N`: rank the converted layers by their alignment loss after stage 1 (or reuse
+    the ranking a previous run of this recipe wrote), keep the top N as softmax, record it in the plan."""
+    path = run_dir / "layer_ranking.json"
+    if path.is_file():
+        ranking = json.loads(path.read_text())
+    else:
+        ranking = rank_layers(student, train_blocks[:RANKING_BLOCKS], recipe.stages.attention.batch_size)
+        if is_main:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(ranking, indent=1))
+            tmp.replace(path)
+    keep = sorted(r["layer"] for r in ranking[: plan["auto_softmax"]])
+    keep_softmax(student.model.layers, keep)
+    plan["softmax_layers"], plan["layer_ranking"] = keep, ranking
+    log(
+        f"[layers] {plan['layers']}: keeping softmax in layers {keep}; alignment loss per layer, highest "
+        f"first: " + ", ".join(f"{r['layer']}={r['loss']:.4g}" for r in ranking)
+    )
 
 
 def run_eval_tasks(recipe: Recipe, out: Path, device, log) -> None:

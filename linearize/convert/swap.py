@@ -9,29 +9,55 @@ from __future__ import annotations
 from torch import nn
 
 from linearize.architectures.mixers import apply_plan
-from linearize.config import RecipeError, StudentConfig
+from linearize.config import RecipeError, StudentConfig, parse_layer_plan
 from linearize.convert.teachers import family_of
 
 
 def plan_for(student: StudentConfig, teacher_config) -> dict:
-    """The conversion plan for this teacher, validated against its number of layers."""
+    """The conversion plan for this teacher, its layer plan resolved against the number of layers.
+
+    An `auto:N` plan starts with every layer converted (`softmax_layers` empty) and records N as
+    `auto_softmax`; the pipeline fills `softmax_layers` and `layer_ranking` after stage 1."""
     family = family_of(teacher_config)
     n = teacher_config.num_hidden_layers
-    bad = [i for i in student.softmax_layers if i >= n]
-    if bad:
+    kind, arg = parse_layer_plan(student.layers)
+    auto = 0
+    if kind == "list":
+        bad = [i for i in arg if i >= n]
+        if bad:
+            raise RecipeError(f"student.layers {bad} out of range: the teacher has {n} layers (0..{n - 1})")
+        kept = arg
+    elif kind == "every":
+        kept = [i for i in range(n) if i % arg == arg - 1]
+    elif kind == "auto":
+        if arg >= n:
+            raise RecipeError(
+                f"student.layers=auto:{arg} would keep every layer of this {n}-layer teacher as softmax; "
+                f"use auto:N with N < {n}"
+            )
+        kept, auto = [], arg
+    else:
+        kept = []
+    if len(kept) == n:
         raise RecipeError(
-            f"student.softmax_layers {bad} out of range: the teacher has {n} layers (0..{n - 1})"
+            f"student.layers={student.layers!r} keeps all {n} layers as softmax, so nothing is converted"
         )
-    return {
+    plan = {
         "teacher_model_type": family.model_type,
         "mixer": student.mixer,
         "feature_map": student.feature_map,
-        "softmax_layers": sorted(set(student.softmax_layers)),
+        "layers": student.layers,
+        "softmax_layers": kept,
         "eps": student.eps,
         "impl": student.impl,
         "window": student.window,
         "window_factor_init": student.window_factor_init,
+        "gated_window": student.gated_window,
+        "num_slots": student.num_slots,
     }
+    if auto:
+        plan["auto_softmax"] = auto
+    return plan
 
 
 def swap(model: nn.Module, plan: dict) -> nn.Module:

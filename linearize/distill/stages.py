@@ -38,6 +38,25 @@ def attention_stage(student: torch.nn.Module):
     return loss_fn
 
 
+@torch.no_grad()
+def rank_layers(student: torch.nn.Module, blocks: torch.Tensor, batch_size: int) -> list[dict]:
+    """Each converted layer's stage-1 alignment loss (MSE to the teacher's attention output, averaged over
+    `blocks`), highest first: [{"layer": i, "loss": x}, ...]. An `auto:N` layer plan keeps the first N."""
+    found = [m for m in mixers(student) if "align" in m.supported_modes and m.new_parameter_names()]
+    totals = dict.fromkeys((m.layer_idx for m in found), 0.0)
+    device = next(student.parameters()).device
+    batches = range(0, len(blocks), batch_size)
+    for start in batches:
+        with mode(student, "align"):
+            student(
+                input_ids=blocks[start : start + batch_size].to(device), use_cache=False, logits_to_keep=1
+            )
+        for m in found:
+            totals[m.layer_idx] += m.alignment_loss.item() / len(batches)
+            m.alignment_loss = None
+    return sorted(({"layer": i, "loss": x} for i, x in totals.items()), key=lambda r: -r["loss"])
+
+
 def logits_stage(student: torch.nn.Module, cfg: LogitsStageConfig, frozen_teacher: torch.nn.Module | None):
     """Stage 2: KL(teacher || student) on logits (+ CE). Returns (model to train, loss_fn).
 

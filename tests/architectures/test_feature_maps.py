@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from linearize.architectures import FEATURE_MAPS, MIXERS, resolve
-from linearize.architectures.feature_maps import FEATURE_MAP_CLASSES, T2R, EluPlusOne, Hedgehog
+from linearize.architectures.feature_maps import FEATURE_MAP_CLASSES, T2R, EluPlusOne, Hedgehog, Relu
 from linearize.architectures.mixers import MIXER_CLASSES
 
 
@@ -21,11 +21,14 @@ def test_t2r_and_elu():
     assert torch.equal(T2R(3, 4)(x), torch.relu(x))
     assert torch.allclose(EluPlusOne(3, 4)(x), torch.nn.functional.elu(x) + 1)
     assert (EluPlusOne(3, 4)(x) > 0).all()
+    assert torch.equal(Relu(3, 4)(x), torch.relu(x)) and not list(Relu(3, 4).parameters())
 
 
 def test_registries_agree_with_the_classes():
     assert set(FEATURE_MAPS) == set(FEATURE_MAP_CLASSES) and set(MIXERS) == set(MIXER_CLASSES)
     for name in FEATURE_MAPS:
         assert resolve(FEATURE_MAPS, name, "feature map") is FEATURE_MAP_CLASSES[name]
-    with pytest.raises(KeyError, match="unknown feature map 'nope'; known: elu, hedgehog, t2r"):
+    for name in MIXERS:
+        assert resolve(MIXERS, name, "mixer") is MIXER_CLASSES[name]
+    with pytest.raises(KeyError, match="unknown feature map 'nope'; known: elu, hedgehog, relu, t2r"):
         resolve(FEATURE_MAPS, "nope", "feature map")

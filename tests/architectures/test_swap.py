@@ -41,7 +41,7 @@ def test_swap_reuses_teacher_projections_and_keeps_state_dict_keys(family):
     teacher = tiny_model(family)
     q_proj = teacher.model.layers[0].self_attn.q_proj
     keys = set(teacher.state_dict())
-    student = swap(teacher, make_plan(teacher.config, softmax_layers=[1]))
+    student = swap(teacher, make_plan(teacher.config, layers=[1]))
     layers = student.model.layers
     assert layers[0].self_attn.q_proj is q_proj
     assert isinstance(layers[0].self_attn, LinearMixer) and isinstance(layers[1].self_attn, SoftmaxMixer)
@@ -66,9 +66,37 @@ def test_unsupported_family_names_supported_ones():
         family_of(GPT2Config())
 
 
-def test_softmax_layers_out_of_range():
+def test_layer_plans_resolve_against_the_teacher():
+    config = tiny_config("llama")  # 3 layers
+    assert make_plan(config)["softmax_layers"] == []
+    assert make_plan(config, layers=[2, 0, 2])["softmax_layers"] == [0, 2]
+    assert make_plan(config, layers="every:2")["softmax_layers"] == [1]
+    auto = make_plan(config, layers="auto:2")
+    assert auto["softmax_layers"] == [] and auto["auto_softmax"] == 2
     with pytest.raises(RecipeError, match=r"out of range: the teacher has 3 layers"):
-        make_plan(tiny_config("llama"), softmax_layers=[3])
+        make_plan(config, layers=[3])
+    with pytest.raises(RecipeError, match=r"auto:3 would keep every layer .* use auto:N with N < 3"):
+        make_plan(config, layers="auto:3")
+    with pytest.raises(RecipeError, match=r"keeps all 3 layers as softmax, so nothing is converted"):
+        make_plan(config, layers=[0, 1, 2])
+
+
+@pytest.mark.parametrize("bad", ["some", "every:1", "every:x", "auto:0", "auto:", [-1]])
+def test_bad_layer_plans_name_the_valid_forms(bad):
+    with pytest.raises(RecipeError, match=r"student.layers"):
+        StudentConfig(layers=bad)
+    if isinstance(bad, str):
+        with pytest.raises(
+            RecipeError, match=r"use `all`, a list of layer indices to keep as softmax, `every:K`"
+        ):
+            StudentConfig(layers=bad)
+
+
+def test_unknown_mixer_and_feature_map_list_the_known_ones():
+    with pytest.raises(RecipeError, match=r"gated, gated_delta, gated_slot, linear, softmax, window_linear"):
+        StudentConfig(mixer="mamba")
+    with pytest.raises(RecipeError, match=r"elu, hedgehog, relu, t2r"):
+        StudentConfig(feature_map="cosformer")
 
 
 def test_recipe_field_forces_the_kernel_form():

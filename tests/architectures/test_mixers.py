@@ -1,0 +1,252 @@
+"""Every mixer, in every teacher family and in mixed layer plans: a converted checkpoint decodes exactly as
+it computes a whole sequence, generates through transformers' cache, keeps a fixed-size state, reloads
+(with and without linearize) to the same logits, and its stage 1 learns."""
+
+import subprocess
+import textwrap
+
+import pytest
+import torch
+from conftest import FAMILIES, tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import linearize  # noqa: F401  (registers the converted classes with the Auto classes)
+from linearize.architectures.configuration_linearize import mixer_state_count
+from linearize.architectures.mixers import MIXER_CLASSES, SoftmaxMixer, keep_softmax, mixers, mode
+from linearize.config import Recipe, StudentConfig
+from linearize.convert.export import export
+from linearize.convert.swap import plan_for, swap
+from linearize.convert.teachers import bundled_path
+
+# name -> StudentConfig fields; windows (8) and slots (16) smaller than the test sequences
+VARIANTS = {
+    "linear": dict(mixer="linear"),
+    "window_linear": dict(mixer="window_linear", window=8),
+    "gated": dict(mixer="gated"),
+    "gated_window": dict(mixer="gated", gated_window=True, window=8),
+    "gated_slot": dict(mixer="gated_slot", num_slots=16),
+    "gated_delta": dict(mixer="gated_delta"),
+}
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant(request):
+    return request.param
+
+
+def student_of(family, variant, layers="all"):
+    """A tiny converted model whose new parameters are perturbed away from their init (so every branch and
+    gate matters); returns (student, plan)."""
+    teacher = tiny_model(family)
+    plan = plan_for(StudentConfig(**VARIANTS[variant], layers=layers), teacher.config)
+    student = swap(teacher, plan)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in mixers(student):
+            for name in m.new_parameter_names():
+                p = m.get_parameter(name)
+                p.add_(0.3 * torch.randn_like(p))
+    return student, plan
+
+
+def exported(family, variant, tmp_path, layers="all"):
+    student, plan = student_of(family, variant, layers)
+    tok = AutoTokenizer.from_pretrained(bundled_path("stories260K"))
+    out = export(student, tok, plan, Recipe(), tmp_path / f"{family}-{variant}")
+    return student, AutoModelForCausalLM.from_pretrained(out).eval(), out
+
+
+def test_every_registered_mixer_is_covered_and_declares_its_cache_states():
+    from linearize.architectures import MIXERS
+
+    assert set(MIXERS) == set(MIXER_CLASSES)
+    assert {v["mixer"] for v in VARIANTS.values()} == set(MIXERS) - {"softmax"}
+    for name in VARIANTS:
+        student, plan = student_of("llama", name)
+        assert {m.num_states for m in mixers(student)} == {mixer_state_count(plan)}, name
+
+
+@pytest.mark.parametrize("layers", ["all", [1]], ids=["all", "hybrid"])
+def test_reload_then_chunked_prefill_and_decode_equal_one_pass(family, variant, layers, tmp_path):
+    """Reloaded == in memory; prefill in two chunks then token by token from the cache == one pass over 40
+    tokens (windows of 8 overflow into the recurrent state)."""
+    student, model, _ = exported(family, variant, tmp_path, layers)
+    ids = torch.randint(0, 512, (2, 40))
+    with torch.no_grad():
+        expected = student(ids).logits
+        full = model(ids, use_cache=False).logits
+        first = model(ids[:, :20], use_cache=True)
+        cache = first.cache
+        second = model(ids[:, 20:30], cache=cache, use_cache=True)
+        steps = [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(30, 40)]
+    assert (full - expected).abs().max().item() <= 1e-5
+    got = torch.cat([first.logits, second.logits, *steps], dim=1)
+    assert (got - full).abs().max().item() <= 1e-4
+
+
+def test_left_padded_batch_generates_like_each_prompt_alone(family, variant, tmp_path):
+    _, model, _ = exported(family, variant, tmp_path)
+    torch.manual_seed(2)
+    prompts = [torch.randint(3, 512, (n,)) for n in (14, 5, 11)]  # the 5-token prompt has 9 pads > W
+    width = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    new = 10
+    batched = model.generate(
+        ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False
+    )
+    for row, p in zip(batched, prompts):
+        alone = model.generate(p[None], max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        assert torch.equal(row[width:], alone[0, len(p) :])
+    # and greedy generation is the argmax of the full forward
+    with torch.no_grad():
+        logits = model(batched[:1, width - 14 :], use_cache=False).logits
+    assert torch.equal(batched[0, width:], logits[0, 13:-1].argmax(-1))
+
+
+def test_cache_of_converted_layers_does_not_grow_with_context(variant, tmp_path):
+    _, model, _ = exported("llama", variant, tmp_path, layers=[1])
+    converted = [i for i, t in enumerate(model.config.layer_types) if t == "linear_attention"]
+    n_states = mixer_state_count(model.config.linearize)
+
+    def state_bytes(n):
+        with torch.no_grad():
+            cache = model(torch.randint(0, 512, (1, n)), use_cache=True).cache
+        return sum(cache.get_recurrent_state(i, s).nbytes for i in converted for s in range(n_states))
+
+    assert converted == [0, 2]
+    assert state_bytes(64) == state_bytes(4096) > 0
+
+
+REMOTE = textwrap.dedent("""
+    import importlib.util, sys, torch
+    assert importlib.util.find_spec("linearize") is None, "linearize must not be installed in this venv"
+    sys.modules["fla"] = None  # and the torch fallback must not need fla
+    from transformers import AutoModelForCausalLM
+    for folder in sys.argv[1:]:
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        ids = torch.randint(3, 512, (1, 13), generator=torch.Generator().manual_seed(0))
+        seq = model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+        with torch.no_grad():
+            logits = model(seq, use_cache=False).logits
+            assert torch.equal(seq[0, 13:], logits[0, 12:-1].argmax(-1)), folder
+            torch.save((ids, model(ids, use_cache=False).logits), folder + "/remote_logits.pt")
+""")
+
+
+def bare_venv(root):
+    """A virtualenv that sees this environment's torch and transformers but not linearize: its .pth adds
+    our site-packages to sys.path without processing the .pth files inside it, and the editable install of
+    linearize lives in exactly such a .pth file."""
+    import site
+    import venv
+    from pathlib import Path
+
+    venv.create(root, with_pip=False)
+    python = root / "bin" / "python"
+    target = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (Path(target) / "parent_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    return python
+
+
+def test_every_mixer_loads_with_remote_code_in_a_venv_without_linearize(tmp_path):
+    from transformers.dynamic_module_utils import get_imports
+
+    students, folders = {}, []
+    for i, variant in enumerate(VARIANTS):
+        family = FAMILIES[i % len(FAMILIES)]
+        students[variant], _, out = exported(family, variant, tmp_path, layers=[1] if i % 2 else "all")
+        folders.append(str(out))
+    for name in (p.name for p in out.iterdir() if p.suffix == ".py"):
+        assert not {"linearize", "fla", "triton"} & set(get_imports(out / name)) or name == "ops.py", name
+    python = bare_venv(tmp_path / "venv")
+    script = tmp_path / "remote.py"
+    script.write_text(REMOTE)
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": ""}
+    proc = subprocess.run(
+        [python, str(script), *folders], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for variant, folder in zip(VARIANTS, folders):
+        ids, logits = torch.load(f"{folder}/remote_logits.pt")
+        with torch.no_grad():
+            expected = students[variant](ids).logits
+        assert (logits - expected).abs().max().item() <= 1e-5, variant
+
+
+# Loss after 60 single-block steps over its value at init. Mixers with an exact softmax window or a delta
+# rule halve it here; the purely recurrent ones (linear, gated, gated_slot) learn more slowly on this teacher
+# (head_dim 8) and halve it only with more steps (gated and gated_slot reach 0.51 after 150 steps at lr 0.1;
+# see the issue note for the full stage-1 numbers), so their short-run bar is 0.75.
+SHORT_RUN_BAR = {"window_linear": 0.5, "gated_window": 0.5, "gated_delta": 0.5}
+
+
+def test_attention_stage_lowers_the_alignment_loss_on_the_bundled_teacher(variant):
+    """Stage 1 (new parameters only, layer-wise MSE to the teacher's attention output) on the bundled
+    teacher, 60 AdamW steps of one 128-token block each."""
+    from linearize.config import DataConfig
+    from linearize.convert.teachers import load_teacher
+    from linearize.distill.data import build_splits
+    from linearize.distill.stages import attention_stage, new_parameters
+
+    torch.manual_seed(0)
+    teacher, tok = load_teacher("bundled:stories260K")
+    blocks = build_splits(DataConfig(seq_len=128), tok).train[:8]
+    fields = {**VARIANTS[variant], "window": 16} if "window" in VARIANTS[variant] else VARIANTS[variant]
+    student = swap(teacher, plan_for(StudentConfig(**fields), teacher.config))
+    loss_fn = attention_stage(student)
+    params = [p for p in student.parameters() if p.requires_grad]
+    trained = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert trained and trained == set(new_parameters(student))
+    opt = torch.optim.AdamW(params, lr=0.05)
+    with torch.no_grad():
+        first = loss_fn(student, blocks).item()
+    for step in range(60):
+        loss_fn(student, blocks[step % 4 : step % 4 + 1]).backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        last = loss_fn(student, blocks).item()
+    assert last <= SHORT_RUN_BAR.get(variant, 0.75) * first, (first, last)
+
+
+def test_keep_softmax_restores_the_teacher_layer(family):
+    """What an auto:N plan does after stage 1: a converted layer turned back into softmax computes the
+    teacher's attention again, without the mixer's new parameters."""
+    teacher = tiny_model(family)
+    ids = torch.randint(0, 512, (1, 30))
+    with torch.no_grad():
+        expected = teacher(ids).logits
+    student, _ = student_of(family, "gated_window")
+    keep_softmax(student.model.layers, [0, 1, 2])
+    assert all(type(layer.self_attn) is SoftmaxMixer for layer in student.model.layers)
+    assert not any(m.new_parameter_names() for m in mixers(student))
+    assert set(student.state_dict()) == set(tiny_model(family).state_dict())
+    with torch.no_grad():
+        assert (student(ids).logits - expected).abs().max().item() <= 1e-5
+
+
+def test_gated_window_branch_controls(family):
+    """The gated mixer with a window switches each branch off: window_only, linear_only (the gated branch
+    alone, as the `gated` mixer without a window computes it) and no_attention (o_proj(0))."""
+    student, plan = student_of(family, "gated_window")
+    ids = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        base = student(ids).logits
+        out = {}
+        for name in ("window_only", "linear_only", "no_attention"):
+            with mode(student, name):
+                out[name] = student(ids).logits
+            assert torch.isfinite(out[name]).all()
+            assert (out[name] - base).abs().max().item() > 1e-4, name
+        assert (out["window_only"] - out["linear_only"]).abs().max().item() > 1e-4
+        gated, _ = student_of(family, "gated")
+        gated.load_state_dict(student.state_dict(), strict=False)  # same weights, no window branch
+        assert (gated(ids).logits - out["linear_only"]).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="needs a hybrid mixer"), mode(gated, "window_only"):
+        pass
