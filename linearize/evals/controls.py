@@ -5,7 +5,8 @@
   mask (no patching). It is scored on perplexity and recall next to teacher and student; a student
   that does not beat it is flagged in the report.
 - `branches`: per-branch controls of a hybrid student (window only / linear only / no attention),
-  each a mixer switch of the `window_linear` mixer; see `hybrid_branch_controls`.
+  each a mixer switch of the hybrid mixers (`window_linear`, `gated` with a window); see
+  `hybrid_branch_controls`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ import torch
 
 from linearize.evals import EvalError
 
-HYBRID_MIXERS = ("window_linear",)
+HYBRID_MIXERS = ("window_linear", "gated with gated_window")
+
+
+def is_hybrid(plan: dict) -> bool:
+    """Whether a converted model's mixers have branch switches (a window and a linear/gated branch)."""
+    return plan.get("mixer") == "window_linear" or (
+        plan.get("mixer") == "gated" and bool(plan.get("gated_window"))
+    )
+
+
 BRANCHES = ("window_only", "linear_only", "no_attention")
 
 
@@ -72,16 +82,16 @@ def hybrid_branch_controls(ctx) -> dict:
     """Per-branch controls of a hybrid student: the student with only its window branch, only its linear
     branch, and with no attention at all, scored like the student.
 
-    Needs the `window_linear` mixer's branch switch (a mixer mode per branch, set with
-    `linearize.architectures.mixers.mode`); until the mixers have it, this is an error.
+    Uses the hybrid mixers' branch switches (a mixer mode per branch, set with
+    `linearize.architectures.mixers.mode`); a student without a window branch is an error.
     """
     from linearize.architectures.mixers import MODES
 
     mixer = ctx.student_plan.get("mixer")
-    if mixer not in HYBRID_MIXERS:
+    if not is_hybrid(ctx.student_plan):
         raise EvalError(
-            f"controls for hybrid branches need a hybrid student (window_linear mixer); this student's mixer "
-            f"is {mixer!r}. Run controls=window for the sliding-window baseline."
+            f"controls for hybrid branches need a hybrid student ({' or '.join(HYBRID_MIXERS)}); this "
+            f"student's mixer is {mixer!r}. Run controls=window for the sliding-window baseline."
         )
     missing = [b for b in BRANCHES if b not in MODES]
     if missing:
@@ -108,7 +118,7 @@ def controls_task(ctx) -> dict:
     from linearize.architectures.mixers import MODES
 
     asked = list(ctx.settings.controls)
-    hybrid = ctx.student_plan.get("mixer") in HYBRID_MIXERS and all(b in MODES for b in BRANCHES)
+    hybrid = is_hybrid(ctx.student_plan) and all(b in MODES for b in BRANCHES)
     if hybrid and "branches" not in asked:
         asked.append("branches")
     return {name: CONTROLS[name](ctx) for name in asked}

@@ -210,7 +210,8 @@ def test_branch_controls_need_a_hybrid_student(ctx):
     from linearize.evals.controls import controls_task, hybrid_branch_controls
 
     with pytest.raises(
-        EvalError, match=r"controls for hybrid branches need a hybrid student \(window_linear mixer\)"
+        EvalError,
+        match=r"controls for hybrid branches need a hybrid student \(window_linear or gated with gated_window\)",
     ):
         hybrid_branch_controls(ctx)
     ctx.settings.controls = ["branches"]
@@ -293,3 +294,30 @@ def test_exported_checkpoint_runs_with_plain_lm_eval_cli(student_dir, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "linearize_cloze" in proc.stdout and "acc" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "fields", [dict(mixer="window_linear", window=16), dict(mixer="gated", gated_window=True, window=16)]
+)
+def test_branch_controls_score_each_branch_of_a_hybrid_student(fields, tmp_path):
+    """Both hybrid mixers: window only, linear only and no attention each give their own perplexity,
+    and switching off all attention is the worst of them."""
+    from linearize.evals.controls import hybrid_branch_controls
+
+    torch.set_num_threads(1)
+    teacher, tok = load_teacher("bundled:stories260K")
+    plan = plan_for(StudentConfig(**fields), teacher.config)
+    torch.manual_seed(0)
+    folder = export(swap(teacher, plan), tok, plan, Recipe(), tmp_path / "final")
+    student, tok, recipe = load_student(folder, torch.device("cpu"))
+    hybrid = EvalContext(
+        teacher=Scorer("teacher", load_teacher("bundled:stories260K")[0]),
+        student=Scorer("student", student),
+        tokenizer=tok,
+        settings=EvalSettings(**SMALL),
+        recipe=recipe,
+    )
+    out = hybrid_branch_controls(hybrid)
+    ppl = {b: out[b]["ppl"] for b in ("window_only", "linear_only", "no_attention")}
+    assert len(set(ppl.values())) == 3 and all(0 < x < float("inf") for x in ppl.values()), ppl
+    assert ppl["no_attention"] == max(ppl.values()), ppl
