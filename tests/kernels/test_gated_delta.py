@@ -102,6 +102,21 @@ def test_chunked_matches_reference(T, K, V, with_state):
             assert rel_rms(a, b) < FP32_TOL, name
 
 
+def test_chunked_float64_stays_float64():
+    B, T, H, K, V = 2, 130, 2, 8, 16
+    q, k, v, g, beta, h0 = make_inputs(B, T, H, K, V, True, seed=9)
+    gen = torch.Generator().manual_seed(4)
+    do = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
+    dS = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)
+    ref = run_with_grads(gated_delta_reference, *leaves(q, k, v, g, beta, h0, dtype=torch.float64), do, dS)
+    got = run_with_grads(gated_delta_chunked, *leaves(q, k, v, g, beta, h0, dtype=torch.float64), do, dS)
+    assert got[0].dtype == torch.float64 and got[1].dtype == torch.float64
+    assert rel_rms(got[0], ref[0]) < 1e-12
+    assert rel_rms(got[1], ref[1]) < 1e-12
+    for name, a, b in zip(NAMES, got[2], ref[2]):
+        assert a.dtype == torch.float64 and rel_rms(a, b) < 1e-12, name
+
+
 @pytest.mark.parametrize("T", [1, 63, 64, 65, 257])
 @pytest.mark.parametrize("with_state", [True, False])
 def test_step_matches_reference(T, with_state):
@@ -253,8 +268,8 @@ def test_bad_inputs_state_the_rule():
         gated_delta(q, k, v, g, beta, impl="x")
     with pytest.raises(ValueError, match=r"impl='fla' needs CUDA tensors"):
         gated_delta(q, k, v, g, beta, impl="fla")
-    with pytest.raises(NotImplementedError, match=r"cu_seqlens .* pad the sequences"):
-        gated_delta(q[:1], k[:1], v[:1], g[:1], beta[:1], cu_seqlens=torch.tensor([0, 2, 5]))
+    with pytest.raises(ValueError, match=r"cu_seqlens must rise strictly"):
+        gated_delta(q[:1], k[:1], v[:1], g[:1], beta[:1], cu_seqlens=torch.tensor([0, 2, q.shape[1] + 1]))
     with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
         gated_delta(q, k, v, g, beta, chunk_size=0)
     with pytest.raises(ValueError, match=r"q and k must have the same shape \[B, 1, H, K\]"):

@@ -87,20 +87,44 @@ def test_chunked_matches_reference(T, K, V, with_state):
             assert rel_rms(a, b) < FP32_TOL, name
 
 
+@pytest.mark.parametrize("chunk_size", [64, 48])
 @pytest.mark.parametrize("decay", [30.0, 400.0])
-def test_chunked_strong_decay_stays_finite(decay):
-    """Per-chunk decays far past exp's fp32 range (~88 nats): the sub-chunk factorisation must not overflow."""
+def test_chunked_strong_decay_stays_finite(decay, chunk_size):
+    """Decays far past exp's fp32 range (~88 nats) inside a chunk and inside blocks of 2 to 16 tokens
+    (decay=400: ~17 nats per token on average): the halving factorisation must not overflow or lose the
+    pairs it keeps. chunk_size=48 also runs the chunks zero-padded to 64."""
     B, T, H, K, V = 1, 130, 2, 8, 8
     q, k, v, g, h0 = make_inputs(B, T, H, K, V, True, seed=5, decay=decay)
     gen = torch.Generator().manual_seed(2)
     do = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
     dS = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)
     ref = run_with_grads(gated_linear_attn_reference, *leaves(q, k, v, g, h0, dtype=torch.float64), do, dS)
-    got = run_with_grads(gated_linear_attn_chunked, *leaves(q, k, v, g, h0, dtype=torch.float32), do, dS)
+    got = run_with_grads(
+        gated_linear_attn_chunked,
+        *leaves(q, k, v, g, h0, dtype=torch.float32),
+        do,
+        dS,
+        chunk_size=chunk_size,
+    )
     assert rel_rms(got[0], ref[0]) < 1e-4
     assert rel_rms(got[1], ref[1]) < 1e-4
     for name, a, b in zip("q k v g h0".split(), got[2], ref[2]):
         assert rel_rms(a, b) < 1e-4, name
+
+
+def test_chunked_float64_stays_float64():
+    B, T, H, K, V = 2, 130, 2, 8, 16
+    q, k, v, g, h0 = make_inputs(B, T, H, K, V, True, seed=9, decay=4.0)
+    gen = torch.Generator().manual_seed(4)
+    do = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
+    dS = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)
+    ref = run_with_grads(gated_linear_attn_reference, *leaves(q, k, v, g, h0, dtype=torch.float64), do, dS)
+    got = run_with_grads(gated_linear_attn_chunked, *leaves(q, k, v, g, h0, dtype=torch.float64), do, dS)
+    assert got[0].dtype == torch.float64 and got[1].dtype == torch.float64
+    assert rel_rms(got[0], ref[0]) < 1e-12
+    assert rel_rms(got[1], ref[1]) < 1e-12
+    for name, a, b in zip("q k v g h0".split(), got[2], ref[2]):
+        assert a.dtype == torch.float64 and rel_rms(a, b) < 1e-12, name
 
 
 @pytest.mark.parametrize("T", [1, 63, 64, 65, 257])
@@ -250,8 +274,8 @@ def test_bad_inputs_state_the_rule():
         gated_linear_attn(q, k, v, g, impl="tri")
     with pytest.raises(ValueError, match=r"impl='fla' needs CUDA tensors"):
         gated_linear_attn(q, k, v, g, impl="fla")
-    with pytest.raises(NotImplementedError, match=r"cu_seqlens .* pad the sequences"):
-        gated_linear_attn(q[:1], k[:1], v[:1], g[:1], cu_seqlens=torch.tensor([0, 2, 5]))
+    with pytest.raises(ValueError, match=r"cu_seqlens must rise strictly"):
+        gated_linear_attn(q[:1], k[:1], v[:1], g[:1], cu_seqlens=torch.tensor([0, 2, q.shape[1] + 1]))
     with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
         gated_linear_attn(q, k, v, g, chunk_size=0)
     with pytest.raises(ValueError, match=r"q, k and g must have the same shape \[B, 1, H, K\]"):

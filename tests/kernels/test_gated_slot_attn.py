@@ -136,6 +136,64 @@ def test_chunked_matches_reference_without_g(T):
             assert rel_rms(a, b) < FP32_TOL, name
 
 
+@pytest.mark.parametrize("chunk_size", [64, 48])
+@pytest.mark.parametrize("decay", [30.0, 400.0])
+def test_chunked_strong_decay_stays_finite(decay, chunk_size):
+    """Slot decays far past exp's fp32 range (~88 nats) inside a chunk and inside blocks of 2 to 16 tokens
+    (decay=400: ~50 nats per token on average), on the value side (slot pass) and the key side (value pass):
+    the halving factorisation must not overflow or lose the pairs it keeps."""
+    B, T, H, K, V, M = 1, 130, 2, 8, 8, 4
+    q, k, v, s, g, h0 = make_inputs(B, T, H, K, V, M, True, seed=5)
+    g = g * decay
+    do, dS = grad_targets(B, T, H, K, V, M, seed=2)
+    ref = run_with_grads(gated_slot_attn_reference, *leaves(q, k, v, s, g, *h0, dtype=torch.float64), do, dS)
+    got = run_with_grads(
+        gated_slot_attn_chunked,
+        *leaves(q, k, v, s, g, *h0, dtype=torch.float32),
+        do,
+        dS,
+        chunk_size=chunk_size,
+    )
+    assert rel_rms(got[0], ref[0]) < 1e-4
+    for a, b in zip(got[1], ref[1]):
+        assert rel_rms(a, b) < 1e-4
+    for name, a, b in zip(NAMES, got[2], ref[2]):
+        assert rel_rms(a, b) < 1e-4, name
+
+
+def test_chunked_strong_additive_gate_stays_finite():
+    """g=None with slot scores spiking by up to ~100: the additive gate's log-decays z_{t-1} − z_t then reach
+    tens of nats per token."""
+    B, T, H, K, V, M = 1, 130, 2, 8, 8, 4
+    q, k, v, s, _, h0 = make_inputs(B, T, H, K, V, M, True, seed=6)
+    s = s * 30
+    do, dS = grad_targets(B, T, H, K, V, M, seed=2)
+    ref = run_with_grads(
+        gated_slot_attn_reference, *leaves(q, k, v, s, None, *h0, dtype=torch.float64), do, dS
+    )
+    got = run_with_grads(gated_slot_attn_chunked, *leaves(q, k, v, s, None, *h0, dtype=torch.float32), do, dS)
+    assert rel_rms(got[0], ref[0]) < 1e-4
+    for a, b in zip(got[1], ref[1]):
+        assert rel_rms(a, b) < 1e-4
+    for name, a, b in zip(NAMES, got[2], ref[2]):
+        if b is not None:
+            assert rel_rms(a, b) < 1e-4, name
+
+
+def test_chunked_float64_stays_float64():
+    B, T, H, K, V, M = 2, 130, 2, 8, 16, 4
+    q, k, v, s, g, h0 = make_inputs(B, T, H, K, V, M, True, seed=9)
+    do, dS = grad_targets(B, T, H, K, V, M, seed=4)
+    ref = run_with_grads(gated_slot_attn_reference, *leaves(q, k, v, s, g, *h0, dtype=torch.float64), do, dS)
+    got = run_with_grads(gated_slot_attn_chunked, *leaves(q, k, v, s, g, *h0, dtype=torch.float64), do, dS)
+    assert got[0].dtype == torch.float64 and all(x.dtype == torch.float64 for x in got[1])
+    assert rel_rms(got[0], ref[0]) < 1e-12
+    for a, b in zip(got[1], ref[1]):
+        assert rel_rms(a, b) < 1e-12
+    for name, a, b in zip(NAMES, got[2], ref[2]):
+        assert a.dtype == torch.float64 and rel_rms(a, b) < 1e-12, name
+
+
 @pytest.mark.parametrize("T", [1, 63, 64, 65, 257])
 @pytest.mark.parametrize("with_state", [True, False])
 def test_step_matches_reference(T, with_state):
@@ -298,8 +356,8 @@ def test_bad_inputs_state_the_rule():
         gated_slot_attn(q, k, v, s, g, impl="x")
     with pytest.raises(ValueError, match=r"impl='fla' needs CUDA tensors"):
         gated_slot_attn(q, k, v, s, g, impl="fla")
-    with pytest.raises(NotImplementedError, match=r"cu_seqlens .* pad the sequences"):
-        gated_slot_attn(q[:1], k[:1], v[:1], s[:1], g[:1], cu_seqlens=torch.tensor([0, 2, 5]))
+    with pytest.raises(ValueError, match=r"cu_seqlens must rise strictly"):
+        gated_slot_attn(q[:1], k[:1], v[:1], s[:1], g[:1], cu_seqlens=torch.tensor([0, 2, q.shape[1] + 1]))
     with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
         gated_slot_attn(q, k, v, s, g, chunk_size=0)
     with pytest.raises(ValueError, match=r"q and k must have the same shape \[B, 1, H, K\]"):

@@ -92,7 +92,8 @@ def gated_delta(
     scale: multiplies q; None means K ** -0.5.
     initial_state: [B, H, K, V] float32 (with cu_seqlens: [N, H, K, V], one per sequence).
     use_qk_l2norm: L2-normalise q and k over K first (fla's use_qk_l2norm_in_kernel, eps 1e-6 in the root).
-    cu_seqlens: [N+1] cumulative lengths of N packed sequences (B must be 1); fla path only.
+    cu_seqlens: [N+1] cumulative lengths of N packed sequences (B must be 1); the torch forms run them one
+    at a time.
     impl: "auto" | "chunked" | "reference" | "fla" (see resolve_impl). chunk_size: used by "chunked" (any
     positive size; fla's kernels fix their own).
     Returns o: [B, T, H, V] in v.dtype, and the final state [B, H, K, V] (float32; float64 for float64
@@ -107,11 +108,15 @@ def gated_delta(
     )
     if impl == "fla":
         return _gated_delta_fla(q, k, v, g, beta, cu_seqlens=cu_seqlens, **kwargs)
-    if cu_seqlens is not None:
-        raise NotImplementedError(
-            f"cu_seqlens (packed variable-length batches) is only supported by impl='fla' on CUDA, not by "
-            f"impl={impl!r}: pad the sequences into a [B, T, H, D] batch instead (right-padding with "
-            f"k = v = 0, beta = 0 and g = 0 leaves each final state unchanged)"
+    if cu_seqlens is not None:  # torch forms: one packed sequence at a time, each from its own state
+        return dispatch.over_sequences(
+            lambda *xs, **kw: gated_delta(
+                *xs, scale=scale, use_qk_l2norm=use_qk_l2norm, impl=impl, chunk_size=chunk_size, **kw
+            ),
+            (q, k, v, g, beta),
+            cu_seqlens,
+            initial_state,
+            output_final_state,
         )
     check_gated_delta_args(q, k, v, g, beta, initial_state)
     if impl == "chunked":

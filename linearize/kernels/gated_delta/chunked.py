@@ -100,10 +100,13 @@ def gated_delta_chunked(
     q_in = qc * gam.exp()[..., None]
     k_out = kc * (gam[..., -1:] - gam).exp()[..., None]
     dec = gam[..., -1].exp()[..., None, None]  # [B, H, N, 1, 1]
-    outs = []
-    for n in range(N):
-        U = u[:, :, n] - w[:, :, n] @ S
-        outs.append(q_in[:, :, n] @ S + attn[:, :, n] @ U)
-        S = S * dec[:, :, n] + k_out[:, :, n].transpose(-1, -2) @ U
-    o = torch.stack(outs, dim=2).reshape(B, H, N * C, V)[:, :, :T]
+    states, Us = [], []
+    # Only the state recurrence is sequential; the outputs are batched matmuls after it. unbind, not
+    # indexing: the backward of x[:, :, n] would build a zero-filled full-size x for every n.
+    for u_n, w_n, k_n, dec_n in zip(*(x.unbind(2) for x in (u, w, k_out, dec))):
+        states.append(S)
+        Us.append(u_n - w_n @ S)
+        S = S * dec_n + k_n.transpose(-1, -2) @ Us[-1]
+    o = q_in @ torch.stack(states, dim=2) + attn @ torch.stack(Us, dim=2)  # [B, H, N, C, V]
+    o = o.reshape(B, H, N * C, V)[:, :, :T]
     return o.transpose(1, 2).to(out_dtype), (S if output_final_state else None)

@@ -82,7 +82,8 @@ def gated_linear_attn(
     logsigmoid of a gate projection), applied before the token's own update.
     scale: multiplies q; None means K ** -0.5.
     initial_state: [B, H, K, V] float32 (with cu_seqlens: [N, H, K, V], one per sequence).
-    cu_seqlens: [N+1] cumulative lengths of N packed sequences (B must be 1); fla path only.
+    cu_seqlens: [N+1] cumulative lengths of N packed sequences (B must be 1); the torch forms run them one
+    at a time.
     impl: "auto" | "chunked" | "reference" | "fla" (see resolve_impl). chunk_size: used by "chunked".
     Returns o: [B, T, H, V] in v.dtype, and the final state [B, H, K, V] (float32; float64 for float64
     inputs) when output_final_state, else None.
@@ -99,11 +100,13 @@ def gated_linear_attn(
             output_final_state=output_final_state,
             cu_seqlens=cu_seqlens,
         )
-    if cu_seqlens is not None:
-        raise NotImplementedError(
-            f"cu_seqlens (packed variable-length batches) is only supported by impl='fla' on CUDA, not by "
-            f"impl={impl!r}: pad the sequences into a [B, T, H, D] batch instead (right-padding with k = v = 0 "
-            f"and g = 0 leaves each final state unchanged)"
+    if cu_seqlens is not None:  # torch forms: one packed sequence at a time, each from its own state
+        return dispatch.over_sequences(
+            lambda *xs, **kw: gated_linear_attn(*xs, scale=scale, impl=impl, chunk_size=chunk_size, **kw),
+            (q, k, v, g),
+            cu_seqlens,
+            initial_state,
+            output_final_state,
         )
     check_gated_linear_attn_args(q, k, v, g, initial_state)
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)

@@ -90,7 +90,8 @@ def gated_slot_attn(
     g = z_{t-1} − z_t with z the running logsumexp of s over time; restarts at every call).
     scale: multiplies q in the slot-score pass; None means K ** -0.5.
     initial_state: (Hk [B, H, K, M], Hv [B, H, M, V]) float32 (with cu_seqlens: N per sequence instead of B).
-    cu_seqlens: [N+1] cumulative lengths of N packed sequences (B must be 1); fla path only.
+    cu_seqlens: [N+1] cumulative lengths of N packed sequences (B must be 1); the torch forms run them one
+    at a time.
     impl: "auto" | "chunked" | "reference" | "fla" (see resolve_impl). chunk_size: used by "chunked".
     Returns o: [B, T, H, V] in v.dtype, and the final (Hk, Hv) (float32; float64 for float64 inputs) when
     output_final_state, else None.
@@ -99,11 +100,13 @@ def gated_slot_attn(
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     if impl == "fla":
         return _gated_slot_attn_fla(q, k, v, s, g, cu_seqlens=cu_seqlens, **kwargs)
-    if cu_seqlens is not None:
-        raise NotImplementedError(
-            f"cu_seqlens (packed variable-length batches) is only supported by impl='fla' on CUDA, not by "
-            f"impl={impl!r}: pad the sequences into a [B, T, H, D] batch instead (with an explicit g, "
-            f"right-padding with k = v = s = 0 and g = 0 leaves each final state unchanged)"
+    if cu_seqlens is not None:  # torch forms: one packed sequence at a time, each from its own state
+        return dispatch.over_sequences(
+            lambda *xs, **kw: gated_slot_attn(*xs, scale=scale, impl=impl, chunk_size=chunk_size, **kw),
+            (q, k, v, s) if g is None else (q, k, v, s, g),
+            cu_seqlens,
+            initial_state,
+            output_final_state,
         )
     check_gated_slot_attn_args(q, k, v, s, g, initial_state)
     if impl == "chunked":

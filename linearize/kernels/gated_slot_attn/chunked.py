@@ -2,8 +2,9 @@
 over the slots.
 
 Self-contained on purpose: imports only torch, because this file is copied verbatim into exported checkpoints
-that run without linearize installed. That is why `gated_chunk_scan` is a copy of the one in
-`gated_linear_attn/chunked.py` (tests check each copy against its own reference).
+that run without linearize installed. That is why `gated_chunk_scan` and its helpers (`_halves`, `_mm`,
+`_IntraChunk`) are a copy of those in `gated_linear_attn/chunked.py` (tests check each copy against its own
+reference).
 """
 
 import torch
@@ -50,6 +51,100 @@ def check_gated_slot_attn_args(
             )
 
 
+def _halves(x: torch.Tensor, h: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., P, D] -> first and second halves of its blocks of 2h rows, each [..., P // 2h, h, D] (views)."""
+    return x.unflatten(-2, (-1, 2, h)).unbind(-3)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b over the batch dims. Elementwise when the inner or both outer sizes are 1 or 2: CPU bmm runs
+    such tiny matrices one at a time, several times slower."""
+    if a.shape[-1] == 1:
+        return a * b
+    if a.shape[-1] == 2:
+        return torch.addcmul(a[..., :1] * b[..., :1, :], a[..., 1:], b[..., 1:, :])
+    if a.shape[-2] == 1 and b.shape[-1] == 1:
+        return (a * b.mT).sum(-1, keepdim=True)
+    return a @ b
+
+
+class _IntraChunk(torch.autograd.Function):
+    """o_t = Σ_{s≤t} (q_t ⊙ e^{bk_t − bk_s})·k_s (e^{bv_t − bv_s} ⊙ v_s) over the rows of each [P, D] block, by
+    halving (see README.md): every exponent it takes is <= 0. q, k, bk: [..., P, K], v, bv: [..., P, V],
+    P a power of two, bk and bv (cumulative log-decays, non-increasing along P) each optional; keep: whether
+    to keep what the backward needs (not under no_grad: it is several times the size of the inputs).
+
+    The backward is written out because autograd spends most of its time zero-filling and summing full-size
+    gradients of the half-block views; the decay gradients follow from the identities
+    dL/dbk = q ⊙ dq − k ⊙ dk and dL/dbv = o ⊙ do − v ⊙ dv (a pair's exponent enters with + at its query
+    and − at its key).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bk, bv, keep):
+        o = torch.zeros_like(v)
+        levels = []
+        h = 1
+        while h < q.shape[-2]:
+            qh, kh, vh = _halves(q, h)[1], _halves(k, h)[0], _halves(v, h)[0]
+            eq = ek = e_in = e_out = None
+            # Reference row r: the last key row. Queries sit after it, keys at or before it; at h = 1 the
+            # only key row is r itself, so the key-side factor is e^0.
+            if bk is not None:
+                b1, b2 = _halves(bk, h)
+                r = b1[..., -1:, :]
+                eq = (b2 - r).exp_()
+                qh = qh * eq
+                if h > 1:
+                    ek = (r - b1).exp_()
+                    kh = kh * ek
+            if bv is not None:
+                b1, b2 = _halves(bv, h)
+                r = b1[..., -1:, :]
+                e_out = (b2 - r).exp_()
+                if h > 1:
+                    e_in = (r - b1).exp_()
+                    vh = vh * e_in
+            A = _mm(qh, kh.mT)  # [..., P // 2h, h, h]
+            y = _mm(A, vh)
+            _halves(o, h)[1].add_(y if e_out is None else y * e_out)
+            if keep:
+                levels.append((qh, kh, vh, A, eq, ek, e_in, e_out))
+            h *= 2
+        if keep:
+            ctx.levels = levels
+            ctx.save_for_backward(q, k, v, o)
+            ctx.decays = (bk is not None, bv is not None)
+        return o + (q * k).sum(-1, keepdim=True) * v
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, o = ctx.saved_tensors  # o: the pairs s < t only
+        # An expanded (stride-0) gradient, as from o.sum(), would send bmm down its one-matrix-at-a-time path.
+        do = do.contiguous()
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        h = 1
+        for qh, kh, vh, A, eq, ek, e_in, e_out in ctx.levels:
+            dy = _halves(do, h)[1]
+            if e_out is not None:
+                dy = dy * e_out
+            dvh, dA = _mm(A.mT, dy), _mm(dy, vh.mT)
+            dqh, dkh = _mm(dA, kh), _mm(dA.mT, qh)
+            _halves(dv, h)[0].add_(dvh if e_in is None else dvh * e_in)
+            _halves(dq, h)[1].add_(dqh if eq is None else dqh * eq)
+            _halves(dk, h)[0].add_(dkh if ek is None else dkh * ek)
+            h *= 2
+        ctx.levels = None
+        has_bk, has_bv = ctx.decays
+        # The pairs s = t carry no decay; leaving them out makes the decay gradients exactly 0 where they are.
+        dbk = q * dq - k * dk if has_bk else None
+        dbv = o * do - v * dv if has_bv else None
+        w = (do * v).sum(-1, keepdim=True)
+        dq, dk, dv = dq.addcmul_(w, k), dk.addcmul_(w, q), dv.addcmul_((q * k).sum(-1, keepdim=True), do)
+        return dq, dk, dv, dbk, dbv, None
+
+
 def gated_chunk_scan(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -72,61 +167,18 @@ def gated_chunk_scan(
         return v.new_zeros(B, H, 0, V), S
     C = max(1, min(chunk_size, T))
     N = -(-T // C)
+    P = 1 << (C - 1).bit_length()  # chunks are zero-padded to a power of two for the halving
 
     def to_chunks(x: torch.Tensor) -> torch.Tensor:
-        # Padded tail: zero keys/values add nothing, zero log-decay keeps the state; padded outputs are dropped.
-        return F.pad(x, (0, 0, 0, N * C - T)).reshape(B, H, N, C, x.shape[-1])
+        # Zero keys/values add nothing and zero log-decay keeps the state; padded outputs are dropped.
+        x = F.pad(x, (0, 0, 0, N * C - T)).reshape(B, H, N, C, x.shape[-1])
+        return x if P == C else F.pad(x, (0, 0, 0, P - C))
 
     qc, kc, vc = to_chunks(q), to_chunks(k), to_chunks(v)
-    bk = None if gk is None else to_chunks(gk).cumsum(-2)  # log-decay from the chunk start, [B, H, N, C, K]
+    bk = None if gk is None else to_chunks(gk).cumsum(-2)  # log-decay from the chunk start, [B, H, N, P, K]
     bv = None if gv is None else to_chunks(gv).cumsum(-2)
-    ninf = float("-inf")
-
-    # Inside a chunk, a pair (t, j) carries exp(b_t - b_j). Factorising it as exp(b_t) exp(-b_j) overflows
-    # once the decay inside a chunk passes ~88 nats (fp32), so sub-chunks of c tokens get the explicit
-    # [c, c, D] decay tensor on their diagonal, and earlier sub-chunks factorise through a reference
-    # position r_i = i*c - 1 that lies between them: exp(b_t - b_r) and exp(b_r - b_j), both exponents <= 0.
-    c = max(d for d in range(1, min(C, 16) + 1) if C % d == 0)
-    ns = C // c
-
-    def sub(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(B, H, N, ns, c, x.shape[-1])
-
-    tri = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-    qs, ks, vs = sub(qc), sub(kc), sub(vc)
-    if bk is None:
-        A = (qs @ ks.transpose(-1, -2)).masked_fill(~tri, 0)
-    else:
-        bks = sub(bk)
-        Dk = (bks[..., :, None, :] - bks[..., None, :, :]).masked_fill(~tri[..., None], ninf).exp()
-        A = (qs[..., :, None, :] * ks[..., None, :, :] * Dk).sum(-1)  # [B, H, N, ns, c, c]
-    if bv is None:
-        o = A @ vs
-    else:
-        bvs = sub(bv)
-        Dv = (bvs[..., :, None, :] - bvs[..., None, :, :]).masked_fill(~tri[..., None], ninf).exp()
-        o = (A[..., None] * Dv * vs[..., None, :, :]).sum(-2)
-    o = o.reshape(B, H, N, C, V)
-
-    if ns > 1:
-        earlier = torch.arange(C, device=q.device)[None, :] < (torch.arange(ns, device=q.device)[:, None] * c)
-        ref = (torch.arange(ns, device=q.device) * c - 1).clamp(min=0)
-        qo, ko = qs, kc[..., None, :, :]
-        if bk is not None:
-            rk = bk[..., ref, :]  # [B, H, N, ns, K]
-            qo = qs * (bks - rk[..., None, :]).exp()
-            ko = ko * (rk[..., None, :] - bk[..., None, :, :]).masked_fill(~earlier[..., None], ninf).exp()
-        A_off = (qo @ ko.transpose(-1, -2)).masked_fill(~earlier[:, None, :], 0)  # [B, H, N, ns, c, C]
-        if bv is None:
-            o_off = A_off @ vc[..., None, :, :]
-        else:
-            rv = bv[..., ref, :]
-            vo = (
-                vc[..., None, :, :]
-                * (rv[..., None, :] - bv[..., None, :, :]).masked_fill(~earlier[..., None], ninf).exp()
-            )
-            o_off = (A_off @ vo) * (bvs - rv[..., None, :]).exp()
-        o = o + o_off.reshape(B, H, N, C, V)
+    keep = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (qc, kc, vc, bk, bv))
+    o = _IntraChunk.apply(qc, kc, vc, bk, bv, keep)
 
     # Between chunks: S_{n+1} = D_n ⊙ S_n + (k decayed to the chunk end)ᵀ (v decayed to the chunk end).
     q_in, k_out, v_out, dec = qc, kc, vc, None
@@ -138,15 +190,16 @@ def gated_chunk_scan(
         v_out = vc * (bv[..., -1:, :] - bv).exp()
         dec_v = bv[..., -1, None, :].exp()
         dec = dec_v if dec is None else dec * dec_v
-    U = k_out.transpose(-1, -2) @ v_out  # [B, H, N, K, V]
+    U = k_out.mT @ v_out  # [B, H, N, K, V]
     states = []
-    for n in range(N):
+    # unbind, not indexing: the backward of U[:, :, n] would build a zero-filled full-size U for every n
+    for U_n, dec_n in zip(U.unbind(2), [None] * N if dec is None else dec.unbind(2)):
         states.append(S)
-        S = (S if dec is None else S * dec[:, :, n]) + U[:, :, n]
-    o_inter = q_in @ torch.stack(states, dim=2)  # [B, H, N, C, V]
+        S = (S if dec_n is None else S * dec_n) + U_n
+    o_inter = q_in @ torch.stack(states, dim=2)  # [B, H, N, P, V]
     if bv is not None:
         o_inter = o_inter * bv.exp()
-    o = (o + o_inter).reshape(B, H, N * C, V)[:, :, :T]
+    o = (o + o_inter)[..., :C, :].reshape(B, H, N * C, V)[:, :, :T]
     return o, S
 
 
@@ -181,7 +234,7 @@ def gated_slot_attn_chunked(
         s, g = (s - z).exp(), torch.cat([z[:, :1], z[:, :-1]], dim=1) - z
 
     def head_major(x: torch.Tensor) -> torch.Tensor:
-        return x.to(dtype).transpose(1, 2)
+        return x.to(dtype).transpose(1, 2).contiguous()
 
     hk0, hv0 = (None, None) if initial_state is None else (x.to(dtype) for x in initial_state)
     s_h, g_h = head_major(s), head_major(g)
