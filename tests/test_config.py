@@ -49,7 +49,8 @@ def test_wrong_type_names_the_field():
 
 def test_bad_choice_lists_choices():
     with pytest.raises(
-        RecipeError, match=r"student\.feature_map='hedgehug' is not valid; choose one of: elu, hedgehog, relu, t2r"
+        RecipeError,
+        match=r"student\.feature_map='hedgehug' is not valid; choose one of: elu, hedgehog, relu, t2r",
     ):
         load_recipe("tiny", {"student.feature_map": "hedgehug"})
     with pytest.raises(RecipeError, match=r"train\.precision='fp8' is not valid; choose one of: fp32, bf16"):
