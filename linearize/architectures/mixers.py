@@ -148,6 +148,23 @@ class Mixer(nn.Module):
         parts = [cache.get_recurrent_state(self.layer_idx, first + i) for i in range(count)]
         return None if parts[0] is None else parts
 
+    def run_cached(self, cache, seq: int, scan, step=None, count: int = 1, first: int = 0, pack=None):
+        """Run one op from this layer's decode state (recurrent states first..first+count-1) and store the
+        state it ends in. `scan(state, output_final_state)` runs the op over the chunk (state None before any
+        write); `step(state)` decodes one token from an existing state, when the op has a step form. `pack`
+        turns the stored parts into the op's state (default: the tensor itself for one part, else a tuple);
+        the op's final state is stored back part by part. Returns the op's output."""
+        parts = self.load_states(cache, count, first)
+        pack = pack or ((lambda p: p[0]) if count == 1 else tuple)
+        state = None if parts is None else pack(parts)
+        if step is not None and state is not None and seq == 1:
+            out, final = step(state)
+        else:
+            out, final = scan(state, cache is not None)
+        if cache is not None:
+            self.store_states(cache, [final] if count == 1 else final, first)
+        return out
+
     def store_states(self, cache, states, first: int = 0) -> None:
         for i, part in enumerate(states):
             cache.update_recurrent_state(part, self.layer_idx, first + i)
@@ -226,22 +243,15 @@ class LinearMixer(Mixer):
         fk, v = self.repeat_kv(fk, v)
         return self.heads_out(self.linear_attention(fq, fk, v, cache), hidden_states)
 
-    def linear_attention(self, fq, fk, v, cache, first_state: int = 0):
-        state = self.load_states(cache, 1, first_state)
-        out, final = linear_attn(
-            fq,
-            fk,
-            v,
-            scale=1.0,
-            normalize=True,
-            eps=self.eps,
-            initial_state=None if state is None else state[0],
-            output_final_state=cache is not None,
-            impl=self.impl,
+    def linear_attention(self, fq, fk, v, cache):
+        args = dict(scale=1.0, normalize=True, eps=self.eps, impl=self.impl)
+        return self.run_cached(
+            cache,
+            fq.shape[1],
+            scan=lambda state, final: linear_attn(
+                fq, fk, v, initial_state=state, output_final_state=final, **args
+            ),
         )
-        if cache is not None:
-            self.store_states(cache, [final], first_state)
-        return out
 
 
 def windowed_attention(mixer, q, k, v, fq, fk, keep, window_factor, cache, first_state):
@@ -260,27 +270,18 @@ def windowed_attention(mixer, q, k, v, fq, fk, keep, window_factor, cache, first
             pad = pad.masked_fill(~keep[:, :, None, None], PAD_SCORE)
         q = torch.cat([q, torch.full_like(q[..., :1], 1 / mixer.softmax_scale)], dim=-1)
         k = torch.cat([k, pad], dim=-1)
-    n = len(WindowLinearState._fields)
-    parts = mixer.load_states(cache, n, first_state)
-    state = None if parts is None else WindowLinearState(*parts)
     args = dict(window=mixer.window, window_factor=window_factor, scale=mixer.softmax_scale, eps=mixer.eps)
-    if state is not None and q.shape[1] == 1:
-        out, final = window_linear_step(q, k, v, fq, fk, state, **args)
-    else:
-        out, final = window_linear(
-            q,
-            k,
-            v,
-            fq,
-            fk,
-            initial_state=state,
-            output_final_state=cache is not None,
-            impl=mixer.impl,
-            **args,
-        )
-    if cache is not None:
-        mixer.store_states(cache, final, first_state)
-    return out
+    return mixer.run_cached(
+        cache,
+        q.shape[1],
+        scan=lambda state, final: window_linear(
+            q, k, v, fq, fk, initial_state=state, output_final_state=final, impl=mixer.impl, **args
+        ),
+        step=lambda state: window_linear_step(q, k, v, fq, fk, state, **args),
+        count=len(WindowLinearState._fields),
+        first=first_state,
+        pack=lambda parts: WindowLinearState(*parts),
+    )
 
 
 class WindowLinearMixer(LinearMixer):
@@ -303,7 +304,6 @@ class WindowLinearMixer(LinearMixer):
     """
 
     supported_modes = MODES
-    PAD_SCORE = PAD_SCORE
     num_states = len(WindowLinearState._fields)
 
     def __init__(self, teacher_attn: nn.Module, spec: dict[str, Any]):
@@ -405,23 +405,14 @@ class GatedMixer(Mixer):
 
     def gated(self, fq, fk, v, g, cache):
         v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
-        state = self.load_states(cache, 1)
-        if state is not None and fq.shape[1] == 1:
-            out, final = gated_linear_attn_step(fq, fk, v1, g, state[0], scale=1.0)
-        else:
-            out, final = gated_linear_attn(
-                fq,
-                fk,
-                v1,
-                g,
-                scale=1.0,
-                initial_state=None if state is None else state[0],
-                output_final_state=cache is not None,
-                impl=self.impl,
-            )
-        if cache is not None:
-            self.store_states(cache, [final])
-        out = out.float()
+        out = self.run_cached(
+            cache,
+            fq.shape[1],
+            scan=lambda state, final: gated_linear_attn(
+                fq, fk, v1, g, scale=1.0, initial_state=state, output_final_state=final, impl=self.impl
+            ),
+            step=lambda state: gated_linear_attn_step(fq, fk, v1, g, state, scale=1.0),
+        ).float()
         return out[..., :-1] / (out[..., -1:] + self.eps)
 
 
@@ -464,23 +455,16 @@ class GatedSlotMixer(Mixer):
             m = keep[:, :, None, None]
             fk, s, g = fk * m.to(fk.dtype), s * m, g * m
         fk, v, s, g = self.repeat_kv(fk, v, s, g)
-        state = self.load_states(cache, 2)
-        if state is not None and seq == 1:
-            out, final = gated_slot_attn_step(fq, fk, v, s, g, tuple(state), scale=self.softmax_scale)
-        else:
-            out, final = gated_slot_attn(
-                fq,
-                fk,
-                v,
-                s,
-                g,
-                scale=self.softmax_scale,
-                initial_state=None if state is None else tuple(state),
-                output_final_state=cache is not None,
-                impl=self.impl,
-            )
-        if cache is not None:
-            self.store_states(cache, final)
+        scale = self.softmax_scale
+        out = self.run_cached(
+            cache,
+            seq,
+            scan=lambda state, final: gated_slot_attn(
+                fq, fk, v, s, g, scale=scale, initial_state=state, output_final_state=final, impl=self.impl
+            ),
+            step=lambda state: gated_slot_attn_step(fq, fk, v, s, g, state, scale=scale),
+            count=2,
+        )
         return self.heads_out(out, hidden_states)
 
 
@@ -528,24 +512,15 @@ class GatedDeltaMixer(Mixer):
                 g * keep[..., None],
             )
         fk, v = self.repeat_kv(fk, v)
-        state = self.load_states(cache, 1)
         args = dict(scale=1.0, use_qk_l2norm=True)
-        if state is not None and seq == 1:
-            out, final = gated_delta_step(fq, fk, v, g, beta, state[0], **args)
-        else:
-            out, final = gated_delta(
-                fq,
-                fk,
-                v,
-                g,
-                beta,
-                initial_state=None if state is None else state[0],
-                output_final_state=cache is not None,
-                impl=self.impl,
-                **args,
-            )
-        if cache is not None:
-            self.store_states(cache, [final])
+        out = self.run_cached(
+            cache,
+            seq,
+            scan=lambda state, final: gated_delta(
+                fq, fk, v, g, beta, initial_state=state, output_final_state=final, impl=self.impl, **args
+            ),
+            step=lambda state: gated_delta_step(fq, fk, v, g, beta, state, **args),
+        )
         return self.heads_out(out, hidden_states)
 
 
