@@ -13,11 +13,15 @@ commands:
   eval        evaluate a converted model next to its teacher: one report (markdown, PNG plots, JSON)
               linearize eval model=<folder> [teacher=<path|hub id>] [tasks=ppl,recall,cloze,speed,controls,
               lm_eval:<task>] [out=<folder>] [<setting>=<value> ...]
+  publish     check an exported checkpoint (loads without linearize, reproduces its logits) and upload it
+              linearize publish <folder> repo=org/name [mode=full|deltas] [private=true] [revision=main]
+              [dry_run=true] [base_model=org/teacher] [license=<id>] [report=<folder>]
 
 examples:
   linearize convert                                  # bundled tiny teacher, offline
   linearize convert recipe=tiny stages.attention.steps=50 student.feature_map=t2r
   linearize eval model=out/tiny/final tasks=ppl,recall,cloze,speed,controls,lm_eval:linearize_cloze
+  linearize publish out/tiny/final repo=me/tiny-linear dry_run=true
 """
 
 
@@ -76,7 +80,25 @@ def cmd_eval(pairs: dict[str, str]) -> None:
     print(f"report written to {results['info']['report']}/report.md")
 
 
-COMMANDS = {"convert": cmd_convert, "recipes": cmd_recipes, "options": cmd_options, "eval": cmd_eval}
+def cmd_publish(pairs: dict[str, str]) -> None:
+    from linearize.convert.publish import PublishError, PublishSettings, publish
+
+    try:
+        folder = pairs.pop("folder", None) or pairs.pop("model", None)
+        if not folder:
+            raise PublishError("publish needs the exported folder: linearize publish <folder> repo=org/name")
+        publish(folder, PublishSettings.from_pairs(pairs))
+    except PublishError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+COMMANDS = {
+    "convert": cmd_convert,
+    "recipes": cmd_recipes,
+    "options": cmd_options,
+    "eval": cmd_eval,
+    "publish": cmd_publish,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     from linearize.convert.teachers import TeacherError
     from linearize.distill.data import DataError
 
+    if command == "publish" and rest and "=" not in rest[0]:  # linearize publish <folder> key=value ...
+        rest = [f"folder={rest[0]}", *rest[1:]]
     try:
         COMMANDS[command](parse_pairs(rest))
     except (RecipeError, TeacherError, DataError) as err:

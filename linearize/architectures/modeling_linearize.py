@@ -9,9 +9,14 @@ their state; softmax layers get the family's usual 4D mask.
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 import torch
 from transformers import (
     DynamicCache,
+    GenerationConfig,
     LlamaForCausalLM,
     LlamaModel,
     MistralForCausalLM,
@@ -99,11 +104,103 @@ class LinearizedBody:
         )
 
 
+def read_weights(
+    name_or_path: str, revision: str | None = None, token=None, cache_dir=None
+) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors checkpoint in a local folder or a Hub repo (from the local cache
+    when offline)."""
+    from safetensors.torch import load_file
+
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.safetensors", "*.safetensors.index.json"]
+        folder = Path(
+            snapshot_download(
+                name_or_path, revision=revision, allow_patterns=patterns, token=token, cache_dir=cache_dir
+            )
+        )
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
+    files = files or [p.name for p in sorted(folder.glob("*.safetensors"))]
+    if not files:
+        raise OSError(f"{name_or_path} holds no safetensors weights")
+    state = {}
+    for name in files:
+        state.update(load_file(folder / name))
+    return state
+
+
+def base_probe(state: dict, names) -> dict:
+    """float64 sum and abs-sum of some base tensors: enough to tell the base model the deltas need from
+    another one with the same names and shapes."""
+    return {n: [state[n].double().sum().item(), state[n].double().abs().sum().item()] for n in names}
+
+
+class LoadsDeltas:
+    """Loading for deltas-only checkpoints (`linearize publish mode=deltas`).
+
+    Such a checkpoint holds only the parameters conversion added or changed; `config.linearize_base`
+    names the base model (Hub id and revision) and records a probe of its weights. `from_pretrained`
+    reads the base model's weights (its Hub cache or `base_model_path=<folder>`), checks the probe, lays
+    the deltas over them and builds the model from the merged state; a missing weight is an error.
+    """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, base_model_path=None, **kwargs):
+        hub = {k: kwargs[k] for k in ("token", "cache_dir", "revision") if kwargs.get(k) is not None}
+        config = kwargs.get("config")
+        if config is None or isinstance(config, (str, Path)):
+            config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path, **hub)
+        base = getattr(config, "linearize_base", None)
+        if not base:
+            if base_model_path is not None:
+                raise ValueError("base_model_path is only for deltas-only checkpoints; this one is complete")
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        kwargs["config"] = config
+        source = base_model_path or base["name"]
+        try:
+            base_hub = {**hub, "revision": None if base_model_path else base.get("revision")}
+            state = read_weights(source, **base_hub)
+        except Exception as err:
+            raise OSError(
+                f"this deltas-only checkpoint needs its base model {base['name']!r} and could not read it from "
+                f"{source!r} ({type(err).__name__}: {err}); pass base_model_path=<local folder of the base model>"
+            ) from err
+        missing = sorted(set(base["probe"]) - set(state))
+        found = {} if missing else base_probe(state, base["probe"])
+        if missing or not all(
+            math.isclose(a, b, rel_tol=1e-9) for n in found for a, b in zip(found[n], base["probe"][n])
+        ):
+            raise ValueError(
+                f"the weights at {source!r} are not the base model {base['name']!r} these deltas were made "
+                f"from ({'missing ' + ', '.join(missing) if missing else 'probed tensors differ'}); pass "
+                f"base_model_path=<folder of {base['name']}>"
+            )
+        state.update(read_weights(pretrained_model_name_or_path, **hub))
+        want_info = kwargs.pop("output_loading_info", False)
+        for key in hub:  # they located files above; with a state dict transformers reads no file
+            kwargs.pop(key, None)
+        model, info = super().from_pretrained(
+            None, *model_args, state_dict=state, output_loading_info=True, **kwargs
+        )
+        if info["missing_keys"]:
+            raise ValueError(
+                f"base model {source!r} plus the deltas lack weights: {sorted(info['missing_keys'])[:8]}"
+            )
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+        except OSError:  # the folder has no generation_config.json: keep the one derived from the config
+            pass
+        return (model, info) if want_info else model
+
+
 class LinearizeLlamaModel(LinearizedBody, LlamaModel):
     config_class = LinearizeLlamaConfig
 
 
-class LinearizeLlamaForCausalLM(LlamaForCausalLM):
+class LinearizeLlamaForCausalLM(LoadsDeltas, LlamaForCausalLM):
     config_class = LinearizeLlamaConfig
 
     def __init__(self, config):
@@ -116,7 +213,7 @@ class LinearizeQwen2Model(LinearizedBody, Qwen2Model):
     config_class = LinearizeQwen2Config
 
 
-class LinearizeQwen2ForCausalLM(Qwen2ForCausalLM):
+class LinearizeQwen2ForCausalLM(LoadsDeltas, Qwen2ForCausalLM):
     config_class = LinearizeQwen2Config
 
     def __init__(self, config):
@@ -129,7 +226,7 @@ class LinearizeQwen3Model(LinearizedBody, Qwen3Model):
     config_class = LinearizeQwen3Config
 
 
-class LinearizeQwen3ForCausalLM(Qwen3ForCausalLM):
+class LinearizeQwen3ForCausalLM(LoadsDeltas, Qwen3ForCausalLM):
     config_class = LinearizeQwen3Config
 
     def __init__(self, config):
@@ -142,7 +239,7 @@ class LinearizeMistralModel(LinearizedBody, MistralModel):
     config_class = LinearizeMistralConfig
 
 
-class LinearizeMistralForCausalLM(MistralForCausalLM):
+class LinearizeMistralForCausalLM(LoadsDeltas, MistralForCausalLM):
     config_class = LinearizeMistralConfig
 
     def __init__(self, config):

@@ -8,6 +8,8 @@ so `trust_remote_code=True` works where linearize is not installed. It is writte
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -22,6 +24,9 @@ from linearize.architectures.configuration_linearize import (
 )
 from linearize.architectures.modeling_linearize import MODEL_CLASSES
 from linearize.config import Recipe
+from linearize.convert.card import model_card
+from linearize.convert.checkpoint_check import fingerprint
+from linearize.convert.teachers import teacher_card
 from linearize.distill import checkpoint
 
 # Files of linearize/architectures a checkpoint carries, and where kernels' torch forms go in it.
@@ -63,61 +68,26 @@ def write_code(folder: Path) -> None:
         shutil.copyfile(str(kernels / src), folder / dst)
 
 
-def model_card(recipe: Recipe, plan: dict, evals: dict, tokens: dict) -> str:
-    """README.md of the export: teacher, recipe, token budget and the teacher-vs-student numbers."""
-    from huggingface_hub import ModelCard, ModelCardData
+def file_digests(folder: Path) -> dict:
+    """sha256 and size of every weight file in `folder`, so a later copy can be checked byte for byte."""
+    digests = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        sha = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                sha.update(chunk)
+        digests[path.name] = {"sha256": sha.hexdigest(), "bytes": path.stat().st_size}
+    return digests
 
-    data = ModelCardData(
-        base_model=recipe.teacher.path
-        if "/" in recipe.teacher.path and not recipe.teacher.path.startswith(("/", "."))
-        else None,
-        library_name="transformers",
-        tags=["linearize", "linear-attention", f"mixer-{plan['mixer']}", plan["teacher_model_type"]],
-    )
-    rows = "\n".join(f"| {name} | {v['ppl']:.3f} | {v['tokens']} |" for name, v in evals.items())
-    ranking = ""
-    if plan.get("layer_ranking"):
-        kind = {r["layer"]: plan["mixer"] for r in plan["layer_ranking"]}
-        kind.update(dict.fromkeys(plan["softmax_layers"], "softmax"))
-        lines = "\n".join(
-            f"| {r['layer']} | {r['loss']:.4g} | {kind[r['layer']]} |" for r in plan["layer_ranking"]
-        )
-        ranking = f"""
-## Layer plan `{plan["layers"]}`
 
-Stage-1 alignment loss of each layer after stage 1 (highest first); the top {plan["auto_softmax"]} keep softmax.
+def hardware(num_processes: int = 1, device: torch.device | None = None) -> str:
+    """'2 x NVIDIA H100 80GB HBM3' or 'CPU x86_64, 2 threads': where a conversion ran."""
+    import platform
 
-| layer | loss | kept as |
-|---|---|---|
-{lines}
-"""
-    budget = ", ".join(f"{stage}: {n:,} tokens" for stage, n in tokens.items())
-    text = f"""---
-{data.to_yaml()}
----
-
-# {recipe.name}
-
-Converted from `{recipe.teacher.path}` by linearize {linearize.__version__}:
-mixer `{plan["mixer"]}`, feature map `{plan["feature_map"]}`, softmax kept in layers {plan["softmax_layers"] or "none"}.
-
-Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (or after `import linearize`).
-
-## Distillation
-{budget}
-{ranking}
-## Held-out perplexity (teacher and student, same tokens)
-
-| model | perplexity | tokens |
-|---|---|---|
-{rows}
-
-## Recipe
-
-```yaml
-{recipe.to_yaml()}```
-"""
-    return str(ModelCard(text))
+    if device is not None and device.type == "cuda":
+        return f"{num_processes} x {torch.cuda.get_device_name(device)}"
+    cpu = platform.processor() or platform.machine()
+    return f"{num_processes} x CPU {cpu}, {torch.get_num_threads()} threads"
 
 
 def export(
@@ -128,12 +98,28 @@ def export(
     out: Path,
     evals: dict | None = None,
     tokens: dict | None = None,
+    hardware_used: str | None = None,
 ) -> Path:
-    """Write the converted model to `out` atomically and return `out`."""
+    """Write the converted model to `out` atomically and return `out`.
+
+    Besides the model, the folder holds `fingerprint.json` (the in-memory student's logits on a fixed
+    prompt and the weight files' digests, which `linearize publish` checks a copy against) and
+    `conversion.json` (teacher, its licence, token budget per stage, held-out evals, hardware).
+    """
     from huggingface_hub import save_torch_state_dict
 
     config = converted_config(student.config, plan)
     evals, tokens = evals or {}, tokens or {}
+    logits = fingerprint(student, tokenizer)
+    conversion = {
+        "linearize_version": linearize.__version__,
+        "recipe_hash": recipe.hash(),
+        "teacher": recipe.teacher.path,
+        **teacher_card(recipe.teacher.path),
+        "tokens": tokens,
+        "evals": evals,
+        "hardware": hardware_used or hardware(),
+    }
 
     def write(tmp: Path) -> None:
         config.save_pretrained(tmp)
@@ -156,7 +142,9 @@ def export(
         tokenizer.save_pretrained(tmp)
         write_code(tmp)
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-        (tmp / "README.md").write_text(model_card(recipe, plan, evals, tokens))
+        (tmp / "README.md").write_text(model_card(recipe.to_yaml(), recipe.name, plan, conversion))
+        (tmp / "conversion.json").write_text(json.dumps(conversion, indent=1))
+        (tmp / "fingerprint.json").write_text(json.dumps({"logits": logits, "files": file_digests(tmp)}))
 
     checkpoint.write_atomic(out, write, info={"recipe_hash": recipe.hash()})
     return out

@@ -14,7 +14,7 @@ import torch
 
 from linearize.architectures.mixers import keep_softmax
 from linearize.config import Recipe, RecipeError
-from linearize.convert.export import export
+from linearize.convert.export import export, hardware
 from linearize.convert.swap import plan_for, swap
 from linearize.convert.teachers import load_teacher
 from linearize.distill import checkpoint
@@ -166,7 +166,16 @@ def convert(recipe: Recipe) -> Path:
                 evals.get("student_after_layer_plan", lambda: ppl(student))
 
     out = (
-        export(student, tokenizer, plan, recipe, run_dir / "final", evals.results, tokens)
+        export(
+            student,
+            tokenizer,
+            plan,
+            recipe,
+            run_dir / "final",
+            evals.results,
+            tokens,
+            hardware(accelerator.num_processes, accelerator.device),
+        )
         if is_main
         else run_dir / "final"
     )

@@ -89,6 +89,30 @@ def resolve_path(path: str) -> str:
     return path
 
 
+def teacher_card(path: str) -> dict:
+    """The teacher's Hub id and licence, as far as they can be known offline: {"teacher_hub_id", "teacher_license"}.
+
+    A Hub id is its own name; its card is read from the local Hub cache when there. A local folder's
+    licence comes from the `license:` of its README.md front matter (Hub downloads keep it).
+    """
+    from huggingface_hub import ModelCard
+
+    source = resolve_path(path)
+    hub_id = None if Path(source).exists() else source
+    card_path = Path(source) / "README.md"
+    if hub_id:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            card_path = Path(hf_hub_download(hub_id, "README.md", local_files_only=True))
+        except Exception:  # not in the local cache: the licence stays unknown, publish asks for it
+            card_path = None
+    license_ = None
+    if card_path is not None and card_path.is_file():
+        license_ = ModelCard.load(card_path).data.get("license")
+    return {"teacher_hub_id": hub_id, "teacher_license": license_}
+
+
 def load_teacher(path: str, dtype: str = "float32"):
     """(model, tokenizer) of a supported teacher; the family is checked before weights are read."""
     import torch
