@@ -1,0 +1,221 @@
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import tiny_model
+from safetensors import safe_open
+
+from linearize.config import DataConfig
+from linearize.convert.teachers import load_teacher
+from linearize.distill import logit_cache
+from linearize.distill.data import build_splits
+from linearize.distill.logit_cache import LogitCache, LogitCacheError, kl_from_topk, write_logit_cache
+from linearize.distill.losses import kl_teacher_student
+
+BLOCKS = 10  # with SHARD = 4: three shards, the last one short
+SHARD = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny forwards: with OpenMP's active wait on a loaded 2-core machine two threads run them ~30x slower
+    than one (see PITFALLS, CPU timing)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def teacher_and_blocks():
+    teacher, tok = load_teacher("bundled:stories260K")
+    return teacher, build_splits(DataConfig(seq_len=32), tok).train[:BLOCKS]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(teacher_and_blocks, tmp_path_factory):
+    teacher, blocks = teacher_and_blocks
+    folder = tmp_path_factory.mktemp("cache") / "k16"
+    write_logit_cache(teacher, blocks, folder, k=16, shard_blocks=SHARD, batch_size=3)
+    return folder
+
+
+def teacher_logits(teacher, blocks):
+    with torch.no_grad():
+        return teacher(input_ids=blocks, use_cache=False).logits.float()
+
+
+def test_cache_round_trips(teacher_and_blocks, cache_dir):
+    teacher, blocks = teacher_and_blocks
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert (manifest["k"], manifest["vocab_size"], manifest["seq_len"], manifest["num_blocks"]) == (
+        16,
+        512,
+        32,
+        10,
+    )
+    assert [(s["start"], s["stop"]) for s in manifest["shards"]] == [(0, 4), (4, 8), (8, 10)]
+    assert sorted(p.name for p in cache_dir.iterdir()) == ["manifest.json"] + [
+        s["file"] for s in manifest["shards"]
+    ]
+    with safe_open(cache_dir / "shard-00002.safetensors", framework="pt") as f:
+        dtypes = {name: f.get_tensor(name).dtype for name in f.keys()}
+    assert dtypes == {
+        "logprobs": torch.float16,
+        "indices": torch.int16,
+        "lse": torch.float32,
+        "block_hash": torch.int64,
+    }
+
+    ids = [9, 0, 5, 5, 3]  # across shards, out of order, repeated
+    got = LogitCache(cache_dir).fetch(ids, blocks[ids])
+    logits = teacher_logits(teacher, blocks[ids])
+    top = logits.topk(16, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    assert torch.equal(got.indices, top.indices)
+    torch.testing.assert_close(got.lse, lse)
+    # the stored log-probs are float16: relative error <= 2**-11
+    logp = top.values - lse.unsqueeze(-1)
+    assert ((got.values - top.values).abs() <= logp.abs() * 2**-11 + 1e-5).all()
+
+
+def test_full_vocab_kl_equals_kl_teacher_student():
+    gen = torch.Generator().manual_seed(0)
+    teacher = 3 * torch.randn(2, 7, 50, generator=gen)
+    student = (3 * torch.randn(2, 7, 50, generator=gen)).requires_grad_()
+    perm = torch.randperm(50, generator=gen)  # the order of the k entries does not matter
+    values, indices = teacher[..., perm], perm.expand(2, 7, 50)
+    cached = kl_from_topk(student, values, indices, torch.logsumexp(teacher, -1))
+    (g_cached,) = torch.autograd.grad(cached, student)
+    full = kl_teacher_student(student, teacher)
+    (g_full,) = torch.autograd.grad(full, student)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_cached, g_full, atol=1e-6, rtol=1e-5)
+
+
+def test_topk_kl_is_close_to_full_kl_and_pulls_the_right_way(teacher_and_blocks):
+    teacher, blocks = teacher_and_blocks
+    t_logits = teacher_logits(teacher, blocks[:4])
+    top = t_logits.topk(32, dim=-1)
+    lse = torch.logsumexp(t_logits, dim=-1)
+
+    assert kl_from_topk(t_logits, top.values, top.indices, lse).abs().item() < 1e-6
+    student = (
+        t_logits + torch.randn(t_logits.shape, generator=torch.Generator().manual_seed(0))
+    ).requires_grad_()
+    cached = kl_from_topk(student, top.values, top.indices, lse)
+    full = kl_teacher_student(student, t_logits)
+    assert cached.item() <= full.item() + 1e-6  # coarsening to k + 1 buckets can only lose divergence
+    assert cached.item() > 0.8 * full.item()
+
+    (g_cached,) = torch.autograd.grad(cached, student)
+    (g_full,) = torch.autograd.grad(full, student)
+    assert torch.isfinite(g_cached).all()
+    assert torch.nn.functional.cosine_similarity(g_cached.flatten(), g_full.flatten(), dim=0) > 0.9
+    with torch.no_grad():  # a gradient step on the cache loss lowers the full KL
+        assert kl_teacher_student(student - 100 * g_cached, t_logits) < full
+
+
+def test_kl_argument_errors():
+    logits, idx, lse = torch.randn(2, 3, 10), torch.zeros(2, 3, 4, dtype=torch.long), torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="temperature 1.0 only, got 2.0.*stages.logits.temperature=1.0"):
+        kl_from_topk(logits, torch.zeros(2, 3, 4), idx, lse, temperature=2.0)
+    with pytest.raises(ValueError, match="same leading shape"):
+        kl_from_topk(logits, torch.zeros(2, 3, 4), idx, lse[:, :2])
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_write(
+    teacher_and_blocks, cache_dir, tmp_path, monkeypatch
+):
+    teacher, blocks = teacher_and_blocks
+    real_save, calls = logit_cache.save_file, []
+
+    def killed_on_third_shard(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 3:
+            path.write_bytes(b"half a shard")  # the kill leaves a partial temp file
+            raise KeyboardInterrupt
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(logit_cache, "save_file", killed_on_third_shard)
+    folder = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        write_logit_cache(teacher, blocks, folder, k=16, shard_blocks=SHARD, batch_size=3)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".tmp-shard-00002.safetensors",
+        "manifest.json",
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ]
+    with pytest.raises(LogitCacheError, match="incomplete.*shard-00002.*rerun write_logit_cache"):
+        LogitCache(folder)
+
+    calls.clear()
+    monkeypatch.setattr(
+        logit_cache, "save_file", lambda t, p, metadata=None: calls.append(p) or real_save(t, p, metadata)
+    )
+    write_logit_cache(teacher, blocks, folder, k=16, shard_blocks=SHARD, batch_size=3)
+    assert [p.name for p in calls] == [".tmp-shard-00002.safetensors"]  # only the missing shard
+    names = sorted(p.name for p in cache_dir.iterdir())
+    assert sorted(p.name for p in folder.iterdir()) == names  # the temp file is gone
+    assert [n for n in names if (folder / n).read_bytes() != (cache_dir / n).read_bytes()] == []
+
+
+def test_a_cache_for_another_request_is_refused(teacher_and_blocks, cache_dir):
+    teacher, blocks = teacher_and_blocks
+    with pytest.raises(
+        LogitCacheError, match=r"k is 16 in the cache, 8 requested; delete .*k16 .*another folder"
+    ):
+        write_logit_cache(teacher, blocks, cache_dir, k=8, shard_blocks=SHARD)
+    with pytest.raises(LogitCacheError, match="num_blocks is 10 in the cache, 9 requested"):
+        write_logit_cache(teacher, blocks[:9], cache_dir, k=16, shard_blocks=SHARD)
+    shuffled = blocks[[0, 1, 2, 3, 5, 4, 6, 7, 8, 9]]
+    with pytest.raises(
+        LogitCacheError, match=r"blocks 4..7 \(shard-00001.safetensors\) hold other token ids"
+    ):
+        write_logit_cache(teacher, shuffled, cache_dir, k=16, shard_blocks=SHARD)
+    with pytest.raises(LogitCacheError, match="built from another teacher.*stories260K"):
+        write_logit_cache(tiny_model("qwen3"), blocks, cache_dir, k=16, shard_blocks=SHARD)
+
+
+def test_a_shard_of_other_blocks_is_refused(teacher_and_blocks, cache_dir, tmp_path):
+    teacher, blocks = teacher_and_blocks
+    folder = shutil.copytree(cache_dir, tmp_path / "cache")
+    shutil.copy(folder / "shard-00000.safetensors", folder / "shard-00001.safetensors")
+    with pytest.raises(
+        LogitCacheError, match="shard-00001.safetensors holds other blocks than its manifest entry"
+    ):
+        write_logit_cache(teacher, blocks, folder, k=16, shard_blocks=SHARD)
+    with pytest.raises(LogitCacheError, match="block 5: its token ids differ"):
+        LogitCache(folder).fetch([5], blocks[[5]])
+
+
+def test_same_config_other_weights_is_refused(teacher_and_blocks, tmp_path):
+    _, blocks = teacher_and_blocks
+    write_logit_cache(tiny_model("llama", seed=0), blocks[:2], tmp_path / "c", k=4, shard_blocks=1)
+    write_logit_cache(
+        tiny_model("llama", seed=0), blocks[:2], tmp_path / "c", k=4, shard_blocks=1
+    )  # same: fine
+    with pytest.raises(
+        LogitCacheError, match="differ from the stored ones.*other weights with the same config"
+    ):
+        write_logit_cache(tiny_model("llama", seed=1), blocks[:2], tmp_path / "c", k=4, shard_blocks=1)
+
+
+def test_a_folder_that_is_not_a_cache_is_refused(teacher_and_blocks, tmp_path):
+    teacher, blocks = teacher_and_blocks
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(LogitCacheError, match="not empty and holds no logit cache"):
+        write_logit_cache(teacher, blocks, tmp_path, k=4)
+    with pytest.raises(LogitCacheError, match="holds no logit cache"):
+        LogitCache(tmp_path)
+
+
+def test_reading_with_other_token_ids_names_the_block(teacher_and_blocks, cache_dir):
+    _, blocks = teacher_and_blocks
+    cache = LogitCache(cache_dir)
+    with pytest.raises(LogitCacheError, match="block 6: its token ids differ"):
+        cache.fetch([2, 6], blocks[[2, 7]])
+    with pytest.raises(IndexError, match="block 10 is out of range: the cache holds 10 blocks"):
+        cache.fetch([10], blocks[:1])
