@@ -191,6 +191,12 @@ class LogitsStageConfig(StageConfig):
     """LoRA alpha."""
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     """Module names LoRA wraps inside converted layers."""
+    cache_k: int = 0
+    """Teacher logits from an on-disk cache of its top-k logits per token, written once before this stage
+    (resumable, checked against the data order), so no teacher copy sits beside the student; 0: the live
+    teacher. Needs temperature 1."""
+    cache_dir: str = ""
+    """Folder of the top-k logit cache (default: <run>/logit_cache)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -200,6 +206,13 @@ class LogitsStageConfig(StageConfig):
             raise RecipeError("stages.logits.kl_weight and ce_weight must be >= 0 and not both 0")
         if self.lora_r < 1:
             raise RecipeError(f"stages.logits.lora_r must be >= 1, got {self.lora_r}")
+        if self.cache_k < 0:
+            raise RecipeError(f"stages.logits.cache_k must be >= 0 (0: no cache), got {self.cache_k}")
+        if self.cache_k and self.temperature != 1.0:
+            raise RecipeError(
+                "stages.logits.cache_k needs stages.logits.temperature=1: at another temperature the teacher's "
+                "normaliser depends on logits outside the top k; set temperature=1 or cache_k=0"
+            )
 
 
 @dataclass(kw_only=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from linearize.convert.swap import plan_for, swap
 from linearize.convert.teachers import load_teacher
 from linearize.distill import checkpoint
 from linearize.distill.data import build_splits
+from linearize.distill.logit_cache import LogitCache, write_logit_cache
 from linearize.distill.loop import MetricsLog, make_accelerator, train_stage
 from linearize.distill.stages import attention_stage, logits_stage, rank_layers
 from linearize.evals.perplexity import perplexity
@@ -116,7 +118,11 @@ def convert(recipe: Recipe) -> Path:
         evals.get("teacher", lambda: ppl(teacher))
     prompt = sample_prompt(splits, tokenizer)
     teacher_sample = greedy_sample(teacher, tokenizer, prompt)
-    frozen = copy.deepcopy(teacher).eval() if recipe.stages.logits.trainable == "attention" else None
+    logits_cfg = recipe.stages.logits
+    cache = None
+    if logits_cfg.cache_k and logits_cfg.steps and not checkpoint.is_complete(run_dir / "logits" / "final"):
+        cache = teacher_logit_cache(teacher, splits.train, recipe, run_dir, accelerator)
+    frozen = copy.deepcopy(teacher).eval() if logits_cfg.trainable == "attention" and cache is None else None
     torch.manual_seed(recipe.seed)  # new parameters' init
     student = swap(teacher, plan)  # in place: from here on the teacher is "the student in teacher mode"
     if splits.heldout:
@@ -137,7 +143,7 @@ def convert(recipe: Recipe) -> Path:
                 model, loss_fn = student, attention_stage(student)
             else:
                 torch.manual_seed(recipe.seed + 1)  # LoRA init, identical on a resumed run
-                model, loss_fn = logits_stage(student, cfg, frozen)
+                model, loss_fn = logits_stage(student, cfg, frozen, cache)
             result = train_stage(
                 name=stage,
                 cfg=cfg,
@@ -192,6 +198,30 @@ def convert(recipe: Recipe) -> Path:
             run_eval_tasks(recipe, out, accelerator.device, accelerator.print)
     accelerator.print(f"exported to {out}")
     return out
+
+
+def teacher_logit_cache(teacher, blocks, recipe: Recipe, run_dir: Path, accelerator) -> LogitCache:
+    """Write (or finish, after a kill) the teacher's top-k logit cache over the training blocks on the main
+    process; every process then reads it."""
+    cfg = recipe.stages.logits
+    folder = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "logit_cache"
+    if accelerator.is_main_process:
+        began = time.perf_counter()
+        write_logit_cache(
+            teacher,
+            blocks,
+            folder,
+            k=cfg.cache_k,
+            batch_size=cfg.batch_size,
+            teacher_name=recipe.teacher.path,
+        )
+        size = sum(p.stat().st_size for p in folder.iterdir())
+        accelerator.print(
+            f"[logits] teacher top-{cfg.cache_k} logit cache: {folder}, {size / 2**20:.1f} MiB for "
+            f"{blocks.numel():,} tokens ({size / blocks.numel():.0f} B/token), {time.perf_counter() - began:.1f}s"
+        )
+    accelerator.wait_for_everyone()
+    return LogitCache(folder)
 
 
 RANKING_BLOCKS = 16  # training blocks the layer ranking of an auto:N plan averages over

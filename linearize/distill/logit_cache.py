@@ -277,6 +277,7 @@ class LogitCache:
         if not path.is_file():
             raise LogitCacheError(f"{self.folder} holds no logit cache ({MANIFEST} is missing)")
         self.manifest = json.loads(path.read_text())
+        self._by_hash: dict[int, int] | None = None
         if self.manifest.get("format") != FORMAT:
             raise LogitCacheError(f"{path}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
         missing = [s["file"] for s in self.manifest["shards"] if not (self.folder / s["file"]).is_file()]
@@ -301,6 +302,26 @@ class LogitCache:
     @property
     def num_blocks(self) -> int:
         return self.manifest["num_blocks"]
+
+    def lookup(self, input_ids: torch.Tensor) -> TopkLogits:
+        """Top-k logits of the blocks whose token ids are `input_ids` [batch, seq_len], found by their hash
+        (a training step knows its tokens, not their block numbers); a block the cache lacks is an error."""
+        if self._by_hash is None:
+            self._by_hash = {}
+            for shard in self.manifest["shards"]:
+                with safe_open(self.folder / shard["file"], framework="pt") as f:
+                    for i, h in enumerate(f.get_tensor("block_hash").tolist()):
+                        self._by_hash.setdefault(h, shard["start"] + i)
+        ids = []
+        for row in input_ids:
+            found = self._by_hash.get(block_hash(row))
+            if found is None:
+                raise LogitCacheError(
+                    f"logit cache {self.folder} holds no block with these token ids (the data changed since it "
+                    f"was written); delete {self.folder} to rebuild it"
+                )
+            ids.append(found)
+        return self.fetch(ids, input_ids.cpu())
 
     def fetch(self, block_ids: Sequence[int] | torch.Tensor, input_ids: torch.Tensor) -> TopkLogits:
         """Top-k logits of blocks `block_ids` (indices into the blocks the cache was written from), whose

@@ -6,6 +6,7 @@ import torch
 
 from linearize.architectures.mixers import mixers, mode
 from linearize.config import LogitsStageConfig
+from linearize.distill.logit_cache import LogitCache, kl_from_topk
 from linearize.distill.losses import alignment_loss, kl_teacher_student, next_token_ce
 
 
@@ -57,12 +58,18 @@ def rank_layers(student: torch.nn.Module, blocks: torch.Tensor, batch_size: int)
     return sorted(({"layer": i, "loss": x} for i, x in totals.items()), key=lambda r: -r["loss"])
 
 
-def logits_stage(student: torch.nn.Module, cfg: LogitsStageConfig, frozen_teacher: torch.nn.Module | None):
+def logits_stage(
+    student: torch.nn.Module,
+    cfg: LogitsStageConfig,
+    frozen_teacher: torch.nn.Module | None,
+    cache: LogitCache | None = None,
+):
     """Stage 2: KL(teacher || student) on logits (+ CE). Returns (model to train, loss_fn).
 
     trainable="lora": LoRA on cfg.lora_targets plus the new parameters; the teacher is the same weights
     with LoRA disabled and softmax attention switched back on. trainable="attention": every attention
-    parameter trains, so the teacher must be `frozen_teacher`, an untouched copy.
+    parameter trains, so the teacher must be `frozen_teacher`, an untouched copy. With a top-k logit
+    `cache` the teacher is not run at all: the KL is computed from the cached top-k logits.
     """
     added = new_parameters(student)
     if cfg.trainable == "lora":
@@ -83,23 +90,30 @@ def logits_stage(student: torch.nn.Module, cfg: LogitsStageConfig, frozen_teache
             with model.disable_adapter(), mode(model, "teacher"):
                 return model(input_ids=input_ids, use_cache=False).logits
     else:
-        if frozen_teacher is None:
-            raise ValueError("stages.logits.trainable=attention needs a frozen teacher copy")
+        if frozen_teacher is None and cache is None:
+            raise ValueError("stages.logits.trainable=attention needs a frozen teacher copy or a logit cache")
         model = student
         attention = {n for n, _ in student.named_parameters() if ".self_attn." in n}
         freeze_all_but(student, sorted(attention))
-        frozen_teacher.requires_grad_(False)
+        if frozen_teacher is not None:
+            frozen_teacher.requires_grad_(False)
 
         def teacher_logits(input_ids):
             return frozen_teacher(input_ids=input_ids, use_cache=False).logits
 
-    def loss_fn(prepared, input_ids):
+    def kl(logits, input_ids):
+        if cache is not None:
+            top = cache.lookup(input_ids).to(logits.device)
+            return kl_from_topk(logits, top.values, top.indices, top.lse, cfg.temperature)
         with torch.no_grad():
             target = teacher_logits(input_ids)
+        return kl_teacher_student(logits, target, cfg.temperature)
+
+    def loss_fn(prepared, input_ids):
         logits = prepared(input_ids=input_ids, use_cache=False).logits
         loss = torch.zeros((), device=logits.device)
         if cfg.kl_weight:
-            loss = loss + cfg.kl_weight * kl_teacher_student(logits, target, cfg.temperature)
+            loss = loss + cfg.kl_weight * kl(logits, input_ids)
         if cfg.ce_weight:
             loss = loss + cfg.ce_weight * next_token_ce(logits, input_ids)
         return loss

@@ -219,3 +219,66 @@ def test_reading_with_other_token_ids_names_the_block(teacher_and_blocks, cache_
         cache.fetch([2, 6], blocks[[2, 7]])
     with pytest.raises(IndexError, match="block 10 is out of range: the cache holds 10 blocks"):
         cache.fetch([10], blocks[:1])
+
+
+def test_lookup_finds_blocks_by_their_tokens(teacher_and_blocks, cache_dir):
+    _, blocks = teacher_and_blocks
+    cache = LogitCache(cache_dir)
+    by_tokens = cache.lookup(blocks[[7, 2]])
+    by_index = cache.fetch([7, 2], blocks[[7, 2]])
+    assert torch.equal(by_tokens.values, by_index.values) and torch.equal(by_tokens.indices, by_index.indices)
+    with pytest.raises(LogitCacheError, match="holds no block with these token ids"):
+        cache.lookup(blocks[:1].flip(-1))
+
+
+def test_logits_stage_from_a_full_cache_matches_the_live_teacher(teacher_and_blocks, tmp_path):
+    """k = vocab: the cached stage-2 loss and its gradients are the live frozen teacher's (float16 log-probs)."""
+    import copy
+
+    from linearize.config import LogitsStageConfig, StudentConfig
+    from linearize.convert.swap import plan_for, swap
+    from linearize.distill.stages import logits_stage
+
+    teacher, blocks = teacher_and_blocks
+    teacher = copy.deepcopy(teacher)
+    cache = write_logit_cache(teacher, blocks[:4], tmp_path / "full", k=512)
+    frozen = copy.deepcopy(teacher)
+    student = swap(teacher, plan_for(StudentConfig(), teacher.config))
+    cfg = LogitsStageConfig(trainable="attention")
+    losses, grads = [], []
+    for source in ({"frozen_teacher": frozen}, {"frozen_teacher": None, "cache": cache}):
+        model, loss_fn = logits_stage(student, cfg, **source)
+        loss = loss_fn(model, blocks[:4])
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        model.zero_grad(set_to_none=True)
+    assert losses[0] > 0.5 and abs(losses[0] - losses[1]) <= 1e-3 * losses[0]
+    assert (grads[0] - grads[1]).norm() <= 1e-2 * grads[0].norm()
+
+
+def test_convert_with_a_logit_cache_writes_it_once_and_needs_no_teacher_copy(tmp_path, capsys):
+    from linearize.config import RecipeError, load_recipe
+    from linearize.convert.pipeline import convert
+
+    overrides = {
+        "output_dir": str(tmp_path / "run"),
+        "stages.attention.steps": "2",
+        "stages.logits.steps": "3",
+        "stages.logits.cache_k": "16",
+        "stages.logits.trainable": "attention",
+        "data.heldout_docs": "4",
+        "eval.tasks": "[]",
+    }
+    convert(load_recipe("tiny", overrides))
+    folder = tmp_path / "run" / "logit_cache"
+    assert json.loads((folder / "manifest.json").read_text())["k"] == 16
+    assert "teacher top-16 logit cache" in capsys.readouterr().out
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    shutil.rmtree(
+        tmp_path / "run" / "logits"
+    )  # stage 2 again: the cache is checked and reused, not rewritten
+    convert(load_recipe("tiny", overrides))
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
+    with pytest.raises(RecipeError, match="cache_k needs stages.logits.temperature=1"):
+        load_recipe("tiny", {**overrides, "stages.logits.temperature": "2"})
