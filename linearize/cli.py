@@ -8,6 +8,11 @@ USAGE = """usage: linearize <command> [recipe=NAME|path.yaml] [key=value ...]
 
 commands:
   convert     run the whole pipeline (stages attention and logits, evaluation, export)
+  distill     run one stage: linearize distill recipe=... stage=attention|logits [accelerate_config=NAME|path]
+              (stage=logits also exports and evaluates); under `accelerate launch -m linearize distill ...`
+              the same command runs on many processes and nodes
+  accelerate-config NAME
+              print the path of a shipped accelerate config (ddp, fsdp2, zero2, zero3, multinode-fsdp2)
   recipes     list the shipped recipes
   options     list every recipe key with its default and meaning
   eval        evaluate a converted model next to its teacher: one report (markdown, PNG plots, JSON)
@@ -62,6 +67,49 @@ def cmd_convert(pairs: dict[str, str]) -> None:
     convert(load_recipe(recipe_name, pairs))
 
 
+def cmd_distill(pairs: dict[str, str]) -> None:
+    import os
+    import subprocess
+
+    from linearize.config import RecipeError, load_recipe
+    from linearize.convert.pipeline import STAGES, convert
+
+    stage = pairs.pop("stage", None)
+    if stage not in STAGES:
+        raise RecipeError(f"distill needs stage=attention or stage=logits, got {stage!r}")
+    launch = pairs.pop("accelerate_config", None)
+    if launch and "LOCAL_RANK" not in os.environ:  # not launched yet: hand over to accelerate launch
+        path = accelerate_config_path(launch)
+        args = [f"{k}={v}" for k, v in pairs.items()]
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path)]
+        command += ["-m", "linearize", "distill", f"stage={stage}", *args]
+        print("launching: " + " ".join(command), flush=True)
+        raise SystemExit(subprocess.run(command).returncode)
+    recipe_name = pairs.pop("recipe", None)
+    convert(load_recipe(recipe_name, pairs), only=stage)
+
+
+def accelerate_config_path(name: str):
+    """A shipped accelerate config by short name (fsdp2, zero3, ...) or any existing file."""
+    from importlib import resources
+    from pathlib import Path
+
+    from linearize.config import RecipeError
+
+    shipped = {Path(p.name).stem: Path(str(p)) for p in (resources.files("linearize") / "launch").iterdir()}
+    if name in shipped:
+        return shipped[name]
+    if Path(name).is_file():
+        return Path(name)
+    raise RecipeError(
+        f"no accelerate config {name!r}: shipped ones are {', '.join(sorted(shipped))}, or give a path"
+    )
+
+
+def cmd_accelerate_config(pairs: dict[str, str]) -> None:
+    print(accelerate_config_path(pairs["name"]))
+
+
 def cmd_eval(pairs: dict[str, str]) -> None:
     from linearize.evals import EvalError
 
@@ -98,6 +146,8 @@ COMMANDS = {
     "options": cmd_options,
     "eval": cmd_eval,
     "publish": cmd_publish,
+    "distill": cmd_distill,
+    "accelerate-config": cmd_accelerate_config,
 }
 
 
@@ -115,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if command == "publish" and rest and "=" not in rest[0]:  # linearize publish <folder> key=value ...
         rest = [f"folder={rest[0]}", *rest[1:]]
+    if command == "accelerate-config":
+        rest = [f"name={rest[0] if rest else ''}"]
     try:
         COMMANDS[command](parse_pairs(rest))
     except (RecipeError, TeacherError, DataError) as err:

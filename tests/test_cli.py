@@ -49,3 +49,19 @@ def test_console_script_is_installed():
     exe = shutil.which("linearize") or str(__import__("pathlib").Path(sys.executable).with_name("linearize"))
     proc = subprocess.run([exe, "recipes"], capture_output=True, text=True)
     assert proc.returncode == 0 and "tiny" in proc.stdout
+
+
+def test_distill_and_accelerate_configs(tmp_path, capsys):
+    import yaml
+
+    for name in ("ddp", "fsdp2", "zero2", "zero3", "multinode-fsdp2"):
+        main(["accelerate-config", name])
+        config = yaml.safe_load(open(capsys.readouterr().out.strip()))
+        assert config["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED")
+    with pytest.raises(SystemExit, match="no accelerate config 'zero4': shipped ones are ddp, fsdp2"):
+        main(["accelerate-config", "zero4"])
+    with pytest.raises(SystemExit, match="distill needs stage=attention or stage=logits"):
+        main(["distill", "recipe=tiny"])
+    with pytest.raises(SystemExit, match="stage logits needs stage attention done .* stage=attention"):
+        main(["distill", "stage=logits", f"output_dir={tmp_path}/run"])
+    assert not (tmp_path / "run").exists()

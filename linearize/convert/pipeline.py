@@ -84,9 +84,25 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
     load_model(model, str(folder / "model.safetensors"))
 
 
-def convert(recipe: Recipe) -> Path:
-    """Run the whole pipeline for `recipe`; returns the exported folder."""
+def convert(recipe: Recipe, only: str | None = None) -> Path:
+    """Run the whole pipeline for `recipe`; returns the exported folder.
+
+    `only="attention"` (`linearize distill stage=attention`) stops after stage 1 and returns its final
+    folder; `only="logits"` needs stage 1 done (or skipped), runs stage 2 and exports.
+    """
     from accelerate.utils import set_seed
+
+    if only not in (None, *STAGES):
+        raise RecipeError(f"stage must be one of {', '.join(STAGES)}, got {only!r}")
+    if (
+        only == "logits"
+        and recipe.stages.attention.steps
+        and not checkpoint.is_complete(recipe.run_dir / "attention" / "final")
+    ):
+        raise RecipeError(
+            f"stage logits needs stage attention done in {recipe.run_dir}: run `linearize distill "
+            "stage=attention` with the same recipe first (or set stages.attention.steps=0)"
+        )
 
     accelerator = make_accelerator(recipe)
     is_main = accelerator.is_main_process
@@ -120,9 +136,11 @@ def convert(recipe: Recipe) -> Path:
     teacher_sample = greedy_sample(teacher, tokenizer, prompt)
     logits_cfg = recipe.stages.logits
     cache = None
-    if logits_cfg.cache_k and logits_cfg.steps and not checkpoint.is_complete(run_dir / "logits" / "final"):
+    logits_done = checkpoint.is_complete(run_dir / "logits" / "final")
+    if logits_cfg.cache_k and logits_cfg.steps and only != "attention" and not logits_done:
         cache = teacher_logit_cache(teacher, splits.train, recipe, run_dir, accelerator)
-    frozen = copy.deepcopy(teacher).eval() if logits_cfg.trainable == "attention" and cache is None else None
+    needs_copy = logits_cfg.trainable == "attention" and cache is None and only != "attention"
+    frozen = copy.deepcopy(teacher).eval() if needs_copy and not logits_done else None
     torch.manual_seed(recipe.seed)  # new parameters' init
     student = swap(teacher, plan)  # in place: from here on the teacher is "the student in teacher mode"
     if splits.heldout:
@@ -170,6 +188,9 @@ def convert(recipe: Recipe) -> Path:
             apply_auto_plan(student, plan, splits.train, recipe, run_dir, is_main, accelerator.print)
             if splits.heldout:
                 evals.get("student_after_layer_plan", lambda: ppl(student))
+        if only == stage == "attention":
+            accelerator.print(f"[attention] stage 1 is in {final}; next: the same command with stage=logits")
+            return final
 
     out = (
         export(

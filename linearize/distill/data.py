@@ -84,6 +84,8 @@ def tokenize(docs: list[str], tokenizer, add_bos: bool = True) -> list[list[int]
     """Token ids per document, BOS prepended when asked and the tokenizer has one (BOS alone separates
     packed documents, as in llama2.c and Llama pretraining)."""
     # SentencePiece tokenizers collapse runs of spaces; the fast tokenizer does not, so do it here.
+    if not docs:  # the tokenizer itself fails on an empty batch
+        return []
     docs = [re.sub(r" {2,}", " ", d) for d in docs]
     ids = tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []

@@ -62,7 +62,12 @@ class MetricsLog:
 def make_accelerator(recipe: Recipe):
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision="bf16" if recipe.train.precision == "bf16" else "no")
+    # The schedule counts optimizer steps of the global batch. By default accelerate steps a prepared
+    # scheduler once per process per step (it assumes per-process schedules), which would run the
+    # warmup and decay num_processes times too fast.
+    return Accelerator(
+        mixed_precision="bf16" if recipe.train.precision == "bf16" else "no", step_scheduler_with_optimizer=False
+    )
 
 
 def train_stage(
