@@ -108,7 +108,7 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
     is_main = accelerator.is_main_process
     accelerator.print(
         f"processes={accelerator.num_processes} backend={accelerator.state.backend or 'none'} "
-        f"device={accelerator.device}"
+        f"device={accelerator.device} distributed={accelerator.distributed_type.value}"
     )
     set_seed(recipe.seed)
     check_run_dir(recipe)

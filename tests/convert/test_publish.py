@@ -251,3 +251,39 @@ def test_cli_publish_dry_run(folder, capsys):
     assert "dry run: would upload to me/tiny-linear" in out and "model.safetensors" in out
     with pytest.raises(SystemExit, match="publish needs the exported folder"):
         main(["publish", "repo=me/x"])
+
+
+@pytest.mark.parametrize("revision", ["main", "v1"])
+def test_hub_upload_creates_the_repo_then_uploads_the_folder(tmp_path, monkeypatch, revision):
+    import huggingface_hub
+
+    from linearize.convert.publish import hub_upload
+
+    calls = []
+
+    class CommitInfo:
+        commit_url = "https://huggingface.co/me/x/commit/1"
+
+    def record(name, result=None):
+        def method(self, *args, **kwargs):
+            calls.append((name, args, kwargs))
+            return result
+
+        return method
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", record("create_repo"))
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", record("create_branch"))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", record("upload_folder", CommitInfo()))
+    url = hub_upload(tmp_path, "me/x", private=True, revision=revision, commit_message="m")
+    assert url == CommitInfo.commit_url
+    expected = [("create_repo", ("me/x",), {"private": True, "exist_ok": True})]
+    if revision != "main":
+        expected.append(("create_branch", ("me/x",), {"branch": "v1", "exist_ok": True}))
+    upload = {
+        "repo_id": "me/x",
+        "folder_path": tmp_path,
+        "revision": revision,
+        "commit_message": "m",
+        "ignore_patterns": ["COMPLETE"],
+    }
+    assert calls == [*expected, ("upload_folder", (), upload)]
