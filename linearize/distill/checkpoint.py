@@ -40,7 +40,12 @@ def write_atomic(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        if is_main:  # no half-written folder is left behind (it would never be resumed from anyway)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     barrier()
     if is_main:
         (tmp / MARKER).write_text(json.dumps(info or {}, indent=1))

@@ -19,9 +19,59 @@ from linearize.config import Recipe, StageConfig
 from linearize.distill import checkpoint
 from linearize.distill.data import batch_indices
 
-# Test hook: "STAGE:STEP" makes the process SIGKILL itself right after that optimizer step, so tests
-# can check that a rerun resumes to the same result as an uninterrupted run.
+# Test hook: "STAGE:STEP[:WHEN][@RANK]" makes the process (only rank RANK, if given) SIGKILL itself at
+# optimizer step STEP: WHEN is "after" (the step is done; the default), "mid" (gradients computed, the
+# optimizer not yet stepped) or "save" (while writing that step's checkpoint, before it is complete).
+# Tests check that a rerun resumes to the same result as an uninterrupted run.
 FAULT_ENV = "LINEARIZE_FAULT_AFTER_STEP"
+
+
+def _fault_hook(name: str, rank: int):
+    """A function `(step, when)` that kills this process where FAULT_ENV says, else does nothing."""
+    spec = os.environ.get(FAULT_ENV, "")
+    where, _, only_rank = spec.partition("@")
+    stage, _, rest = where.partition(":")
+    step, _, when = rest.partition(":")
+    armed = stage == name and (not only_rank or int(only_rank) == rank)
+
+    def hook(done: int, at: str) -> None:
+        if armed and int(step) == done and (when or "after") == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def _first_nonfinite_layer(model: torch.nn.Module, batch: torch.Tensor, loss_fn) -> str:
+    """Rerun the batch with hooks on every decoder layer and its attention: the first module whose output
+    is not finite (or 'none' when every layer output is finite and only the loss is not)."""
+    import re
+
+    found: list[str] = []
+    handles = []
+
+    def watch(module_name):
+        def hook(module, _inputs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            aligned = getattr(module, "alignment_loss", None)  # stage 1: the output is the teacher's
+            if found:
+                return
+            if torch.is_tensor(aligned) and not torch.isfinite(aligned).all():
+                found.append(f"{module_name} (its alignment loss)")
+            elif torch.is_tensor(out) and not torch.isfinite(out).all():
+                found.append(module_name)
+
+        return hook
+
+    for module_name, module in model.named_modules():
+        if re.search(r"layers\.\d+(\.self_attn)?$", module_name):
+            handles.append(module.register_forward_hook(watch(module_name)))
+    try:
+        with torch.no_grad():
+            loss_fn(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else "none (every layer output is finite; the loss itself is not)"
 
 
 class TrainingError(RuntimeError):
@@ -66,7 +116,8 @@ def make_accelerator(recipe: Recipe):
     # scheduler once per process per step (it assumes per-process schedules), which would run the
     # warmup and decay num_processes times too fast.
     return Accelerator(
-        mixed_precision="bf16" if recipe.train.precision == "bf16" else "no", step_scheduler_with_optimizer=False
+        mixed_precision="bf16" if recipe.train.precision == "bf16" else "no",
+        step_scheduler_with_optimizer=False,
     )
 
 
@@ -113,7 +164,7 @@ def train_stage(
     global_batch = per_process * accelerator.num_processes
     rank = accelerator.process_index
     tokens_per_step = global_batch * cfg.grad_accum * blocks.shape[1]
-    fault = os.environ.get(FAULT_ENV, "")
+    fault = _fault_hook(name, accelerator.process_index)
     began = time.perf_counter()
     model.train()
     bar = tqdm(
@@ -134,13 +185,20 @@ def train_stage(
             with sync:
                 with accelerator.autocast():
                     loss = loss_fn(model, batch)
-                if not torch.isfinite(loss):
+                # every rank learns whether any rank's loss is bad, so all stop together (no rank hangs)
+                bad = accelerator.reduce(torch.isfinite(loss.detach()).logical_not().float(), reduction="sum")
+                if bad.item():
+                    mine = idx[rank * per_process : (rank + 1) * per_process].tolist()
+                    where = _first_nonfinite_layer(model, batch, loss_fn)
                     raise TrainingError(
-                        f"stage {name}: loss is {loss.item()} at step {step + 1}; lower stages.{name}.lr, "
-                        "use train.precision=fp32, or check the data for empty blocks"
+                        f"stage {name}: non-finite loss on {int(bad.item())} of {accelerator.num_processes} "
+                        f"process(es) at step {step + 1} (micro-batch {micro}); on rank {rank}: loss "
+                        f"{loss.item()}, training blocks {mine}, first non-finite output in {where}. Lower "
+                        f"stages.{name}.lr, use train.precision=fp32, or check those blocks"
                     )
                 accelerator.backward(loss / cfg.grad_accum)
             step_loss += loss.detach() / cfg.grad_accum
+        fault(step + 1, "mid")
         if cfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
@@ -163,26 +221,41 @@ def train_stage(
                 }
             )
         if done % recipe.train.checkpoint_every == 0 or done == cfg.steps:
-            _save(accelerator, ckpt_root, done, name, last_loss, recipe)
-        if fault == f"{name}:{done}":
-            os.kill(os.getpid(), signal.SIGKILL)
+            _save(
+                accelerator, ckpt_root, done, name, last_loss, recipe, lambda done=done: fault(done, "save")
+            )
+        fault(done, "after")
     bar.close()
     accelerator.free_memory()
     return StageResult(cfg.steps, cfg.steps * tokens_per_step, last_loss, time.perf_counter() - began)
 
 
-def _save(accelerator, root: Path, step: int, stage: str, loss: float | None, recipe: Recipe) -> None:
+def _save(
+    accelerator, root: Path, step: int, stage: str, loss: float | None, recipe: Recipe, fault=lambda: None
+) -> None:
     def write(tmp: Path) -> None:
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
             (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+        fault()
 
-    checkpoint.write_atomic(
-        checkpoint.step_dir(root, step),
-        write,
-        info={"stage": stage, "step": step, "loss": loss},
-        is_main=accelerator.is_main_process,
-        barrier=accelerator.wait_for_everyone,
-    )
+    target = checkpoint.step_dir(root, step)
+    try:
+        checkpoint.write_atomic(
+            target,
+            write,
+            info={"stage": stage, "step": step, "loss": loss},
+            is_main=accelerator.is_main_process,
+            barrier=accelerator.wait_for_everyone,
+        )
+    except OSError as err:  # a full disk, a quota, a lost mount: the previous checkpoint is still whole
+        previous = checkpoint.latest(root)
+        kept = (
+            f"the last complete checkpoint {previous[1]} is intact" if previous else "no earlier checkpoint"
+        )
+        raise TrainingError(
+            f"stage {stage}: could not write checkpoint {target} ({err.strerror or err}); {kept}. Free space "
+            f"under {root} and rerun the same command to resume"
+        ) from err
     if accelerator.is_main_process:
         checkpoint.prune(root, recipe.train.keep_checkpoints)

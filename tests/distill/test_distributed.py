@@ -1,5 +1,6 @@
 """One process or two (torchrun, gloo on CPU): the same global batch gives the same loss curve, in both
-stages, through `linearize distill` run stage by stage."""
+stages, through `linearize distill` run stage by stage; a rank killed mid-step or mid-save loses only the
+steps since the last checkpoint, and the rerun ends where an uninterrupted run does."""
 
 import json
 import os
@@ -7,6 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from safetensors.torch import load_file
+
+from linearize.distill.loop import FAULT_ENV
 
 COMMON = [
     "recipe=tiny",
@@ -20,7 +24,7 @@ GLOBAL_BATCH = 4
 RTOL = 1e-5  # fp32; the 2-process mean of two half-batch losses differs from the whole-batch mean by rounding
 
 
-def distill(run, processes: int, stage: str) -> str:
+def distill(run, processes: int, stage: str, fault: str = "") -> str:
     per_process = GLOBAL_BATCH // processes
     args = [*COMMON, f"output_dir={run}", f"stage={stage}"]
     args += [f"stages.attention.batch_size={per_process}", f"stages.logits.batch_size={per_process}"]
@@ -35,8 +39,11 @@ def distill(run, processes: int, stage: str) -> str:
         ]
         launcher += ["-m", "linearize"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    env.pop(FAULT_ENV, None)
+    if fault:
+        env[FAULT_ENV] = fault
     done = subprocess.run([*launcher, "distill", *args], capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (done.returncode != 0) == bool(fault), done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
 
@@ -74,3 +81,25 @@ def test_stage_by_stage_ends_in_an_export(runs):
     for run, printed in runs.values():
         assert (run / "final" / "config.json").is_file()
         assert "next: the same command with stage=logits" in printed[0]
+
+
+@pytest.mark.parametrize("fault", ["attention:3:mid@1", "attention:4:save@0"])
+def test_a_killed_rank_costs_only_the_steps_since_the_last_checkpoint(runs, tmp_path, fault):
+    """Rank 1 killed between backward and optimizer step 3, or rank 0 killed while writing checkpoint 4:
+    torchrun stops the run; the rerun resumes from checkpoint 2 and ends with the uninterrupted losses
+    and weights."""
+    run = tmp_path / "run"
+    distill(run, 2, "attention", fault=fault)
+    ckpts = run / "attention" / "checkpoints"
+    assert [p.name for p in ckpts.iterdir() if not p.name.startswith(".tmp-")] == ["step-00000002"]
+    printed = distill(run, 2, "attention")
+    assert "resuming from" in printed and "step 2/4" in printed
+    distill(run, 2, "logits")
+    reference = runs[2][0]
+    for stage in ("attention", "logits"):
+        assert losses(run, stage) == pytest.approx(losses(reference, stage), rel=RTOL)
+    ours, theirs = (
+        load_file(run / "final" / "model.safetensors"),
+        load_file(reference / "final" / "model.safetensors"),
+    )
+    assert all((ours[name] - theirs[name]).abs().max() <= 1e-5 for name in theirs)

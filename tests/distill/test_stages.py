@@ -107,8 +107,46 @@ def test_nan_loss_is_a_clear_error(tmp_path):
     def nan_loss(model, ids):
         return attention_stage(student)(model, ids) * float("nan")
 
-    with pytest.raises(TrainingError, match=r"loss is nan at step 1; lower stages\.attention\.lr"):
+    with pytest.raises(
+        TrainingError, match=r"non-finite loss .* at step 1 .* loss nan, training blocks \[\d+, \d+\]"
+    ):
         run_stage(tmp_path, nan_loss, student)
     assert not (tmp_path / "attention" / "checkpoints").exists() or not any(
         (tmp_path / "attention" / "checkpoints").iterdir()
     )
+
+
+def test_nan_in_one_layer_is_named(tmp_path):
+    """The error names the step, the blocks and the first layer whose output (here: alignment loss) broke."""
+    _, student = student_of()
+    with torch.no_grad():
+        student.model.layers[1].self_attn.feature_map_k.weight.fill_(float("nan"))
+    with pytest.raises(
+        TrainingError, match=r"at step 1 .*first non-finite output in model\.layers\.1\.self_attn"
+    ):
+        run_stage(tmp_path / "a", attention_stage(student), student)
+
+
+def test_a_full_disk_during_a_save_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from accelerate import Accelerator
+
+    _, student = student_of()
+    run_stage(tmp_path, attention_stage(student), student, steps=2)  # complete checkpoint at step 2
+    real = Accelerator.save_state
+
+    def full_disk(self, output_dir=None, **kwargs):
+        real(self, output_dir, **kwargs)  # write some files first, as a real full disk would
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Accelerator, "save_state", full_disk)
+    ckpts = tmp_path / "attention" / "checkpoints"
+    before = {p.name: sorted(q.name for q in p.iterdir()) for p in ckpts.iterdir()}
+    with pytest.raises(
+        TrainingError,
+        match=r"could not write checkpoint .*step-00000004 \(No space left on "
+        r"device\); the last complete checkpoint .*step-00000002 is intact",
+    ):
+        run_stage(tmp_path, attention_stage(student), student, steps=4)
+    assert {p.name: sorted(q.name for q in p.iterdir()) for p in ckpts.iterdir()} == before
