@@ -86,20 +86,15 @@ def test_stage_by_stage_ends_in_an_export(runs):
 @pytest.mark.parametrize("fault", ["attention:3:mid@1", "attention:4:save@0"])
 def test_a_killed_rank_costs_only_the_steps_since_the_last_checkpoint(runs, tmp_path, fault):
     """Rank 1 killed between backward and optimizer step 3, or rank 0 killed while writing checkpoint 4:
-    torchrun stops the run; the rerun resumes from checkpoint 2 and ends with the uninterrupted losses
-    and weights."""
+    torchrun stops the run; the rerun resumes from checkpoint 2 and ends stage 1 with the uninterrupted
+    losses and weights (stage 2's resume is the same code, checked on one process in test_resume)."""
     run = tmp_path / "run"
     distill(run, 2, "attention", fault=fault)
     ckpts = run / "attention" / "checkpoints"
     assert [p.name for p in ckpts.iterdir() if not p.name.startswith(".tmp-")] == ["step-00000002"]
     printed = distill(run, 2, "attention")
     assert "resuming from" in printed and "step 2/4" in printed
-    distill(run, 2, "logits")
     reference = runs[2][0]
-    for stage in ("attention", "logits"):
-        assert losses(run, stage) == pytest.approx(losses(reference, stage), rel=RTOL)
-    ours, theirs = (
-        load_file(run / "final" / "model.safetensors"),
-        load_file(reference / "final" / "model.safetensors"),
-    )
+    assert losses(run, "attention") == pytest.approx(losses(reference, "attention"), rel=RTOL)
+    ours, theirs = (load_file(r / "attention" / "final" / "model.safetensors") for r in (run, reference))
     assert all((ours[name] - theirs[name]).abs().max() <= 1e-5 for name in theirs)
