@@ -49,7 +49,7 @@ def cmd_recipes(_: dict[str, str]) -> None:
 
     for name, path in sorted(shipped_recipes().items()):
         description = (yaml.safe_load(path.read_text()) or {}).get("description", "")
-        print(f"{name:<28}{description}")
+        print(f"{name:<32}{description}")
 
 
 def cmd_options(_: dict[str, str]) -> None:
@@ -71,13 +71,15 @@ def cmd_distill(pairs: dict[str, str]) -> None:
     import os
     import subprocess
 
-    from linearize.config import RecipeError, load_recipe
+    from linearize.config import RecipeError, accelerate_config_path, load_recipe
     from linearize.convert.pipeline import STAGES, convert
 
     stage = pairs.pop("stage", None)
     if stage not in STAGES:
         raise RecipeError(f"distill needs stage=attention or stage=logits, got {stage!r}")
     launch = pairs.pop("accelerate_config", None)
+    recipe = load_recipe(pairs.get("recipe"), {k: v for k, v in pairs.items() if k != "recipe"})
+    launch = launch or recipe.launch.accelerate_config  # the recipe's own, unless the command names one
     if launch and "LOCAL_RANK" not in os.environ:  # not launched yet: hand over to accelerate launch
         path = accelerate_config_path(launch)
         args = [f"{k}={v}" for k, v in pairs.items()]
@@ -85,28 +87,12 @@ def cmd_distill(pairs: dict[str, str]) -> None:
         command += ["-m", "linearize", "distill", f"stage={stage}", *args]
         print("launching: " + " ".join(command), flush=True)
         raise SystemExit(subprocess.run(command).returncode)
-    recipe_name = pairs.pop("recipe", None)
-    convert(load_recipe(recipe_name, pairs), only=stage)
-
-
-def accelerate_config_path(name: str):
-    """A shipped accelerate config by short name (fsdp2, zero3, ...) or any existing file."""
-    from importlib import resources
-    from pathlib import Path
-
-    from linearize.config import RecipeError
-
-    shipped = {Path(p.name).stem: Path(str(p)) for p in (resources.files("linearize") / "launch").iterdir()}
-    if name in shipped:
-        return shipped[name]
-    if Path(name).is_file():
-        return Path(name)
-    raise RecipeError(
-        f"no accelerate config {name!r}: shipped ones are {', '.join(sorted(shipped))}, or give a path"
-    )
+    convert(recipe, only=stage)
 
 
 def cmd_accelerate_config(pairs: dict[str, str]) -> None:
+    from linearize.config import accelerate_config_path
+
     print(accelerate_config_path(pairs["name"]))
 
 

@@ -272,6 +272,70 @@ class EvalConfig:
                 )
 
 
+def shipped_accelerate_configs() -> dict[str, Path]:
+    """Name → path of every accelerate config shipped in `linearize/launch` (ddp, fsdp2, zero2, ...)."""
+    folder = resources.files("linearize") / "launch"
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def accelerate_config_path(name: str) -> Path:
+    """A shipped accelerate config by short name (fsdp2, zero3, ...) or any existing file."""
+    shipped = shipped_accelerate_configs()
+    if name in shipped:
+        return shipped[name]
+    if Path(name).is_file():
+        return Path(name)
+    raise RecipeError(
+        f"no accelerate config {name!r}: shipped ones are {', '.join(sorted(shipped))}, or give a path"
+    )
+
+
+@dataclass(kw_only=True)
+class LaunchConfig:
+    """Where the recipe is meant to run. The launcher decides the processes a run really gets; these
+    fields say what the recipe was sized for: token budgets and the memory estimate are computed for them
+    offline, and a run refuses to start when the estimate exceeds its device's memory."""
+
+    accelerate_config: str = ""
+    """Accelerate config the recipe is launched with: a shipped name (ddp, fsdp2, zero2, zero3,
+    multinode-fsdp2; `linearize accelerate-config NAME` prints its path) or a file; empty: one process,
+    no launcher. Its distributed type (DDP, FSDP, ZeRO stage) decides what the offline memory estimate
+    shards; a run's own estimate follows what it was actually launched with."""
+    processes: int = 1
+    """Processes per node (one per device)."""
+    nodes: int = 1
+    """Nodes (machines); the run has `processes * nodes` processes in all."""
+    hardware: str = ""
+    """The hardware the recipe was sized for, in words (e.g. `8 x H100 80GB`); informative."""
+    device_memory_gb: float = 0.0
+    """Memory per device (GiB) the recipe was sized for: the memory estimate is checked against it
+    offline, and at run time against the smaller of it and the actual device's; 0: the actual device's."""
+
+    def __post_init__(self) -> None:
+        for name in ("processes", "nodes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RecipeError(f"launch.{name} must be an integer >= 1, got {value!r}")
+        if self.device_memory_gb < 0:
+            raise RecipeError(
+                f"launch.device_memory_gb must be >= 0 (0: the actual device's), got {self.device_memory_gb}"
+            )
+        if self.accelerate_config:
+            try:
+                accelerate_config_path(self.accelerate_config)
+            except RecipeError as err:
+                raise RecipeError(f"launch.accelerate_config: {err}") from None
+        elif self.processes * self.nodes > 1:
+            raise RecipeError(
+                f"launch.processes * launch.nodes = {self.processes * self.nodes} processes need "
+                f"launch.accelerate_config (one of {', '.join(sorted(shipped_accelerate_configs()))}, or a path)"
+            )
+
+    @property
+    def num_processes(self) -> int:
+        return self.processes * self.nodes
+
+
 @dataclass(kw_only=True)
 class Recipe:
     name: str = "tiny"
@@ -294,6 +358,8 @@ class Recipe:
     """Precision, checkpointing and logging."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation run at the end of `linearize convert`."""
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    """The launch the recipe was sized for: accelerate config, processes, nodes, hardware."""
 
     @property
     def run_dir(self) -> Path:

@@ -1,7 +1,51 @@
+import json
+import re
+from pathlib import Path
+
 import pytest
 import yaml
 
-from linearize.config import Recipe, RecipeError, describe, field_docs, load_recipe, shipped_recipes
+from linearize.config import (
+    LaunchConfig,
+    Recipe,
+    RecipeError,
+    accelerate_config_path,
+    describe,
+    field_docs,
+    load_recipe,
+    shipped_recipes,
+)
+
+# The config.json of every Hub teacher a shipped recipe names, stored as <org>__<name>.json: the Hub is
+# out of reach in tests, and these are enough to build the teacher (and its student) on the meta device.
+HUB_CONFIGS = Path(__file__).parent / "fixtures" / "hub_configs"
+# Parameter counts of those teachers as published, so a mistyped fixture fails.
+PUBLISHED_PARAMETERS = {
+    "Qwen/Qwen2.5-7B": 7_615_616_512,
+    "Qwen/Qwen2.5-72B": 72_706_203_648,
+    "Qwen/Qwen3-8B": 8_190_735_360,
+    "meta-llama/Llama-3.1-8B": 8_030_261_248,
+    "mistralai/Mistral-7B-v0.3": 7_248_023_552,
+    "HuggingFaceTB/SmolLM2-135M-Instruct": 134_515_008,
+}
+
+
+def teacher_config(teacher_path: str):
+    """The teacher's config without the Hub: the bundled teacher's own, else the stored fixture."""
+    from transformers import AutoConfig
+
+    from linearize.convert.teachers import BUNDLED_PREFIX, resolve_path
+
+    if teacher_path.startswith(BUNDLED_PREFIX):
+        return AutoConfig.from_pretrained(resolve_path(teacher_path))
+    fixture = HUB_CONFIGS / (teacher_path.replace("/", "__") + ".json")
+    if not fixture.is_file():
+        raise LookupError(
+            f"no stored config for teacher {teacher_path!r}: save its config.json from the Hub as "
+            f"{fixture.relative_to(Path(__file__).parent.parent)}"
+        )
+    fields = json.loads(fixture.read_text())
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
 @pytest.mark.parametrize("name", sorted(shipped_recipes()))
@@ -12,6 +56,105 @@ def test_every_shipped_recipe_loads_and_validates(name):
     # the resolved recipe round-trips through YAML unchanged
     again = load_recipe(name, {})
     assert again.to_yaml() == recipe.to_yaml()
+
+
+@pytest.mark.parametrize("name", sorted(shipped_recipes()))
+def test_every_shipped_recipe_builds_and_fits_its_hardware(name):
+    """The accelerate config resolves, the teacher is known offline, the student builds on the meta device
+    from the config alone, and each stage's memory estimate fits the device memory the recipe names."""
+    from linearize.distill.memory import Sharding, check_fits, estimate
+
+    recipe = load_recipe(name)
+    launch = recipe.launch
+    if launch.accelerate_config:
+        config = yaml.safe_load(accelerate_config_path(launch.accelerate_config).read_text())
+        assert config["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED")
+        if launch.nodes > 1:
+            assert config["num_machines"] > 1, f"{name}: {launch.nodes} nodes need a multi-node config"
+        assert Sharding.from_accelerate_config(launch.accelerate_config).name != "single process"
+    try:
+        config = teacher_config(recipe.teacher.path)
+    except LookupError as err:
+        pytest.fail(f"recipe {name}: {err}")
+    if not recipe.teacher.path.startswith("bundled:"):
+        assert launch.hardware and launch.device_memory_gb, f"{name}: name the hardware it was sized for"
+    for stage in ("attention", "logits"):
+        est = estimate(
+            config, recipe, stage, launch.num_processes, int(launch.device_memory_gb * 2**30) or None
+        )
+        assert est.params.trainable > 0
+        check_fits(est)
+
+
+def test_a_teacher_without_a_stored_config_is_refused():
+    with pytest.raises(
+        LookupError, match=r"no stored config for teacher 'org/new-model'.*org__new-model\.json"
+    ):
+        teacher_config("org/new-model")
+
+
+@pytest.mark.parametrize("teacher", sorted(PUBLISHED_PARAMETERS))
+def test_stored_hub_configs_are_the_published_models(teacher):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(teacher_config(teacher))
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMETERS[teacher]
+
+
+def test_every_stored_hub_config_is_a_teacher_of_a_recipe():
+    teachers = {load_recipe(name).teacher.path for name in shipped_recipes()}
+    stored = {p.stem.replace("__", "/") for p in HUB_CONFIGS.glob("*.json")}
+    assert stored <= teachers and set(PUBLISHED_PARAMETERS) == stored
+
+
+BUDGET = re.compile(r"(\d+) x (\d+) x (\d+) x (\d+) x (\d+) = ([\d,]+)")
+
+
+@pytest.mark.parametrize("name", sorted(shipped_recipes()))
+def test_token_budget_comments_agree_with_the_recipe(name):
+    """`steps x batch_size x grad_accum x processes x seq_len = total` comments state each stage's tokens."""
+    recipe = load_recipe(name)
+    if recipe.teacher.path.startswith("bundled:"):
+        return
+    stated = set()
+    for match in BUDGET.finditer(shipped_recipes()[name].read_text()):
+        *factors, total = match.groups()
+        product = 1
+        for f in factors:
+            product *= int(f)
+        assert product == int(total.replace(",", "")), match.group(0)
+        stated.add(product)
+    computed = set()
+    for stage in (recipe.stages.attention, recipe.stages.logits):
+        steps = stage.steps * stage.batch_size * stage.grad_accum * recipe.launch.num_processes
+        computed.add(steps * recipe.data.seq_len)
+    assert stated == computed, f"{name}: comments state {stated}, the recipe gives {computed} tokens"
+
+
+def test_launch_section_is_validated(tmp_path):
+    assert load_recipe("tiny").launch == LaunchConfig()  # recipes without a launch section keep working
+    r = load_recipe(
+        "tiny", {"launch.accelerate_config": "fsdp2", "launch.processes": "8", "launch.nodes": "2"}
+    )
+    assert r.launch.num_processes == 16
+    custom = tmp_path / "mine.yaml"
+    custom.write_text("distributed_type: MULTI_GPU\n")
+    assert load_recipe("tiny", {"launch.accelerate_config": str(custom)}).launch.accelerate_config == str(
+        custom
+    )
+    with pytest.raises(
+        RecipeError, match=r"launch\.accelerate_config: no accelerate config 'zero4'.*ddp, fsdp2"
+    ):
+        load_recipe("tiny", {"launch.accelerate_config": "zero4"})
+    with pytest.raises(RecipeError, match=r"launch\.processes must be an integer >= 1"):
+        load_recipe("tiny", {"launch.processes": "0"})
+    with pytest.raises(RecipeError, match=r"8 processes need launch\.accelerate_config"):
+        load_recipe("tiny", {"launch.processes": "8"})
+    with pytest.raises(RecipeError, match=r"launch\.device_memory_gb must be >= 0"):
+        load_recipe("tiny", {"launch.device_memory_gb": "-1"})
+    assert accelerate_config_path("zero3").name == "zero3.yaml"
 
 
 def test_every_field_is_documented():

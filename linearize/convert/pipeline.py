@@ -22,6 +22,7 @@ from linearize.distill import checkpoint
 from linearize.distill.data import build_splits
 from linearize.distill.logit_cache import LogitCache, write_logit_cache
 from linearize.distill.loop import MetricsLog, make_accelerator, train_stage
+from linearize.distill.memory import preflight
 from linearize.distill.stages import attention_stage, logits_stage, rank_layers
 from linearize.evals.perplexity import perplexity
 
@@ -115,6 +116,10 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
     # Everything that can be wrong with the input is checked before the run folder is written to.
     teacher, tokenizer = load_teacher(recipe.teacher.path, recipe.teacher.dtype)
     plan = plan_for(recipe.student, teacher.config)
+    # The memory estimate of every stage about to run, refused here when one would not fit the device.
+    todo = [s for s in STAGES if getattr(recipe.stages, s).steps and only in (None, s)]
+    todo = [s for s in todo if not checkpoint.is_complete(recipe.run_dir / s / "final")]
+    preflight(recipe, teacher.config, todo, accelerator)
     splits = build_splits(recipe.data, tokenizer)
     run_dir = claim_run_dir(recipe, is_main)
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=is_main)

@@ -1,0 +1,504 @@
+"""Memory estimate of a distillation stage, per device, made from the teacher's config alone.
+
+The student is built on the meta device (no weights are read or allocated) and swapped exactly as the
+pipeline swaps the real teacher, so the parameters a mixer adds, the LoRA adapters and the trainable set
+of each stage are counted exactly. Activations and logits follow stated formulas; see `estimate`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from linearize.config import Recipe, RecipeError, accelerate_config_path
+
+GiB = 2**30
+
+# Activations saved for the backward pass, per token and per layer in the graph, as multiples of one
+# `hidden`-wide tensor in the compute dtype (an fp32 tensor counts twice), by kernel form, stage and mixer.
+# Stage `attention`: only the mixers' new parameters train and each layer passes on the teacher's output, so
+# a converted layer keeps its mixer's tensors (q, k, feature maps and their fp32 projections, the op's
+# saved tensors, the fp32 output and target of the MSE) and nothing of its MLP; a softmax layer keeps
+# nothing. Stage `logits`: the gradient runs through the whole network, so every layer also keeps its norms'
+# fp32 inputs and q/k/v, plus ACTIVATION_INTERMEDIATE `intermediate`-wide tensors of its MLP (gate, up,
+# activation). Measured with saved-tensor hooks (head_dim 128, hedgehog's 2 * head_dim features, the
+# feature map that keeps most). `chunked`: the torch chunked forms (CPU, `student.impl=chunked`), which
+# keep every chunk's state; +10%. `fused`: the CUDA kernels (fla, our Triton window kernel), which keep
+# their inputs and recompute the rest in backward, measured with stand-ins that keep only the inputs; +25%.
+ACTIVATIONS = {
+    "fused": {
+        "attention": {"linear": 16, "window_linear": 19, "gated": 26, "gated_slot": 21, "gated_delta": 18},
+        "logits": {
+            "softmax": 12,
+            "linear": 22,
+            "window_linear": 24,
+            "gated": 32,
+            "gated_slot": 27,
+            "gated_delta": 23,
+        },
+    },
+    "chunked": {
+        "attention": {"linear": 23, "window_linear": 25, "gated": 54, "gated_slot": 50, "gated_delta": 82},
+        "logits": {
+            "softmax": 12,
+            "linear": 31,
+            "window_linear": 41,
+            "gated": 74,
+            "gated_slot": 57,
+            "gated_delta": 84,
+        },
+    },
+}
+ACTIVATION_INTERMEDIATE = 3
+# One layer's forward temporaries on top (the stage-1 recompute of the teacher's softmax attention under
+# no_grad, q/k/v, the MLP's intermediates) and the activation gradients of the layer in backward.
+WORKSPACE_HIDDEN = 16
+WORKSPACE_INTERMEDIATE = 3
+# Stage `logits`: [batch, seq, vocab] float32 buffers: the KL keeps the student's log-softmax and the
+# teacher's probabilities (2.5 copies measured, 3.5 with CE), the backward adds the logits' gradient.
+LOGIT_COPIES = 4
+# CUDA context, cuBLAS/NCCL workspaces and allocator slack that no formula above covers.
+RUNTIME_BYTES = GiB // 2
+# Decoder layers whose full parameters are gathered at once when weights are sharded (the one computing
+# and the one prefetched).
+GATHERED_LAYERS = 2
+
+
+class MemoryBudgetError(RecipeError):
+    """A stage whose memory estimate exceeds the device's memory: the message names the fixes."""
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """What the distributed strategy divides over the processes, read from an accelerate config."""
+
+    name: str
+    weights: bool = False
+    """Parameters sharded at rest (FSDP full shard, ZeRO-3)."""
+    gradients: bool = False
+    """Gradients sharded (FSDP, ZeRO-2/3)."""
+    optimizer: bool = False
+    """Optimizer state (and fp32 master weights) sharded (FSDP, ZeRO-1/2/3)."""
+    offload_optimizer: bool = False
+    """Optimizer state kept in CPU memory (DeepSpeed offload_optimizer_device, FSDP offload_params)."""
+    offload_params: bool = False
+    """Parameters kept in CPU memory between uses (DeepSpeed offload_param_device, FSDP offload_params)."""
+    gradient_buckets: bool = False
+    """DDP: gradients are copied into all-reduce buckets, a second gradient-sized buffer."""
+
+    @classmethod
+    def from_accelerate_config(cls, config: str | Path | dict | None) -> Sharding:
+        """From an accelerate config: a shipped name, a path, the parsed YAML, or None (one process)."""
+        if not config:
+            return cls(name="single process")
+        if not isinstance(config, dict):
+            import yaml
+
+            config = yaml.safe_load(accelerate_config_path(str(config)).read_text()) or {}
+        kind = config.get("distributed_type", "NO")
+        if kind == "FSDP":
+            fsdp = config.get("fsdp_config") or {}
+            version = int(fsdp.get("fsdp_version", 1))
+            reshard = fsdp.get("fsdp_reshard_after_forward", True)
+            # FSDP1 names its strategy in fsdp_sharding_strategy or (newer) in fsdp_reshard_after_forward
+            strategy = fsdp.get("fsdp_sharding_strategy") or (
+                reshard if version == 1 and not isinstance(reshard, bool) else "FULL_SHARD"
+            )
+            return cls._fsdp(
+                version, str(strategy), _truthy(reshard), _truthy(fsdp.get("fsdp_offload_params", False))
+            )
+        if kind == "DEEPSPEED":
+            ds = config.get("deepspeed_config") or {}
+            if ds.get("deepspeed_config_file"):
+                zero = json.loads(Path(ds["deepspeed_config_file"]).read_text()).get("zero_optimization", {})
+                stage = int(zero.get("stage", 0))
+                off_opt = (zero.get("offload_optimizer") or {}).get("device", "none")
+                off_par = (zero.get("offload_param") or {}).get("device", "none")
+            else:
+                stage = int(ds.get("zero_stage", 0))
+                off_opt = ds.get("offload_optimizer_device", "none")
+                off_par = ds.get("offload_param_device", "none")
+            return cls._zero(stage, off_opt not in (None, "none"), off_par not in (None, "none"))
+        if kind in ("MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_CPU", "MULTI_HPU"):
+            return cls(name="DDP", gradient_buckets=True)
+        return cls(name="single process")
+
+    @classmethod
+    def from_accelerator(cls, accelerator) -> Sharding:
+        """From a live Accelerator: what the launcher actually set up."""
+        kind = accelerator.distributed_type.value
+        state = accelerator.state
+        if kind == "FSDP":
+            plugin = state.fsdp_plugin
+            version = int(getattr(plugin, "fsdp_version", 1) or 1)
+            reshard = getattr(plugin, "reshard_after_forward", True)  # FSDP1: a ShardingStrategy
+            strategy = getattr(reshard, "name", None) or getattr(
+                getattr(plugin, "sharding_strategy", None), "name", "FULL_SHARD"
+            )
+            offload = plugin.cpu_offload  # FSDP1: CPUOffload(offload_params=...); FSDP2: an offload policy
+            if version >= 2:
+                offloaded = type(offload).__name__ == "CPUOffloadPolicy"
+            else:
+                offloaded = bool(getattr(offload, "offload_params", False))
+            return cls._fsdp(version, strategy, reshard is not False, offloaded)
+        if kind == "DEEPSPEED":
+            zero = state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+            off_opt = (zero.get("offload_optimizer") or {}).get("device", "none")
+            off_par = (zero.get("offload_param") or {}).get("device", "none")
+            return cls._zero(
+                int(zero.get("stage", 0)), off_opt not in (None, "none"), off_par not in (None, "none")
+            )
+        if accelerator.num_processes > 1:
+            return cls(name="DDP", gradient_buckets=True)
+        return cls(name="single process")
+
+    @classmethod
+    def _fsdp(cls, version: int, strategy: str, reshard: bool, offload: bool) -> Sharding:
+        if version >= 2:
+            # reshard_after_forward=False keeps every layer's full parameters from forward to backward
+            full = reshard
+            name = f"FSDP2{'' if reshard else ' (no reshard after forward)'}"
+        else:
+            strategy = {"1": "FULL_SHARD", "2": "SHARD_GRAD_OP", "3": "NO_SHARD"}.get(strategy, strategy)
+            if strategy == "NO_SHARD":
+                return cls(name="FSDP NO_SHARD", gradient_buckets=True)
+            # a HYBRID strategy shards within a node only: not modelled, counted as not sharding weights
+            full = strategy == "FULL_SHARD"
+            name = f"FSDP {strategy}"
+        return cls(
+            name=name + (" + offload" if offload else ""),
+            weights=full,
+            gradients=True,
+            optimizer=True,
+            offload_optimizer=offload,
+            offload_params=offload,
+        )
+
+    @classmethod
+    def _zero(cls, stage: int, offload_optimizer: bool, offload_params: bool) -> Sharding:
+        return cls(
+            name=f"ZeRO-{stage}" + (" + offload" if offload_optimizer or offload_params else ""),
+            weights=stage >= 3,
+            gradients=stage >= 2,
+            optimizer=stage >= 1,
+            offload_optimizer=offload_optimizer,
+            offload_params=offload_params and stage >= 3,
+            gradient_buckets=stage == 0,
+        )
+
+
+def _truthy(value: Any) -> bool:
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("true", "1", "yes")
+
+
+@dataclass
+class ParameterCounts:
+    """Parameters of the student of one stage, counted on the meta device."""
+
+    total: int
+    """Every parameter of the model the stage trains (LoRA adapters included)."""
+    weight_bytes: int
+    """Their bytes in the dtypes they are stored in (the teacher's dtype; new parameters are fp32)."""
+    trainable: int
+    """Parameters the stage's optimizer updates."""
+    trainable_16bit: int
+    """Trainable parameters stored in 16 bits (they get an fp32 master copy)."""
+    teacher_bytes: int
+    """Bytes of the teacher before the swap (the size of a frozen teacher copy)."""
+    layer_bytes: int
+    """Bytes of the largest decoder layer (what a sharded run gathers per layer)."""
+    root_bytes: int
+    """Bytes outside the decoder layers (embeddings, final norm, lm_head): gathered for a whole step."""
+    layer_mixers: list[str]
+    """The mixer of every layer in this stage (`softmax` for the layers kept)."""
+
+
+@dataclass
+class MemoryEstimate:
+    """Per-device memory of one stage, in bytes, by part. `total` is their sum."""
+
+    stage: str
+    weights: int
+    """The student's parameters (sharded over processes when the strategy shards weights)."""
+    gathered: int
+    """Unsharded parameters held during the step when weights are sharded: GATHERED_LAYERS decoder layers
+    and the root module (embeddings, lm_head), in the compute dtype."""
+    gradients: int
+    """fp32 gradient of every trainable parameter (+ DDP's bucket copy)."""
+    optimizer: int
+    """AdamW's two fp32 moments per trainable parameter, plus an fp32 master copy of a trainable parameter
+    stored in 16 bits (FSDP upcasts it, DeepSpeed keeps one); plain AdamW on 16-bit parameters keeps 16-bit
+    moments, so this is an upper bound there."""
+    frozen_teacher: int
+    """Stage logits with trainable=attention and no logit cache: a whole frozen teacher copy on every
+    device (the pipeline does not shard it)."""
+    activations: int
+    """batch * seq_len * bytes * (sum over layers of the layer's per-token count + WORKSPACE_HIDDEN * hidden
+    + WORKSPACE_INTERMEDIATE * intermediate); a layer's count is
+    ACTIVATIONS[kernels]["attention"][mixer] * hidden in stage attention (0 for a softmax layer),
+    ACTIVATIONS[kernels]["logits"][mixer] * hidden + ACTIVATION_INTERMEDIATE * intermediate in stage logits;
+    bytes is 2 in bf16, 4 in fp32."""
+    logits: int
+    """Stage logits: batch * seq_len * vocab * 4 bytes * LOGIT_COPIES (stage attention keeps one position)."""
+    runtime: int
+    """RUNTIME_BYTES: CUDA context and workspaces."""
+    params: ParameterCounts
+    sharding: Sharding
+    num_processes: int
+    steps: int
+    tokens: int
+    """steps * batch_size * grad_accum * num_processes * seq_len."""
+    device_memory: int | None = None
+    """Memory of one device the estimate is checked against, when known."""
+
+    PARTS: ClassVar[tuple[str, ...]] = (
+        "weights",
+        "gathered",
+        "gradients",
+        "optimizer",
+        "frozen_teacher",
+        "activations",
+        "logits",
+        "runtime",
+    )
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, part) for part in self.PARTS)
+
+    def parts(self) -> str:
+        """The non-zero parts: `weights 1.8 GiB, gradients 4.0 MiB, ...`."""
+        return ", ".join(
+            f"{part.replace('_', ' ')} {size(getattr(self, part))}"
+            for part in self.PARTS
+            if getattr(self, part)
+        )
+
+    def line(self) -> str:
+        """`[memory] attention: ~X GiB per device (weights a, ...), N steps, M tokens`."""
+        room = f", {size(self.device_memory)} available" if self.device_memory else ""
+        processes = f"{self.num_processes} process{'es' if self.num_processes > 1 else ''}"
+        return (
+            f"[memory] {self.stage}: ~{size(self.total)} per device{room} ({self.parts()}; "
+            f"{self.sharding.name}, {processes}), {self.steps:,} step{'s' if self.steps != 1 else ''}, "
+            f"{self.tokens:,} tokens"
+        )
+
+
+def size(nbytes: int) -> str:
+    """`18.3 GiB`, `512 MiB`, `4.0 KiB`: three significant figures at most."""
+    for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            value = nbytes / scale
+            return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    return f"{nbytes} B"
+
+
+def student_on_meta(model_config, recipe: Recipe, stage: str) -> tuple[torch.nn.Module, int]:
+    """(the student model of `stage`, built on the meta device from the config alone, the teacher's bytes).
+
+    For stage logits an `auto:N` plan keeps N layers softmax (which ones does not change the count)."""
+    from transformers import AutoModelForCausalLM
+
+    from linearize.convert.swap import plan_for, swap
+
+    config = copy.deepcopy(model_config)
+    plan = plan_for(recipe.student, config)
+    if stage == "logits" and plan.get("auto_softmax"):
+        plan["softmax_layers"] = list(range(plan["auto_softmax"]))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, recipe.teacher.dtype))
+        teacher_bytes = _bytes(model.parameters())
+        swap(model, plan)
+    return model, teacher_bytes
+
+
+def count_parameters(model_config, recipe: Recipe, stage: str) -> ParameterCounts:
+    """Parameters of the student of `stage` and which of them train, without loading any weights."""
+    from torch import nn
+
+    from linearize.architectures.mixers import MIXER_CLASSES
+    from linearize.distill.stages import new_parameters
+
+    model, teacher_bytes = student_on_meta(model_config, recipe, stage)
+    params = dict(model.named_parameters())
+    cfg = getattr(recipe.stages, stage)
+    lora = 0
+    if stage == "attention":
+        trainable = set(new_parameters(model))
+    elif cfg.trainable == "lora":
+        trainable = set(new_parameters(model))
+        # peft wraps every nn.Linear whose name ends in a target; its A [r, in] and B [out, r] stay fp32
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in cfg.lora_targets:
+                lora += cfg.lora_r * (module.in_features + module.out_features)
+    else:
+        trainable = {n for n in params if ".self_attn." in n}
+    layers = model.model.layers
+    names = {cls: name for name, cls in MIXER_CLASSES.items()}
+    layer_bytes = max(_bytes(layer.parameters()) for layer in layers)
+    in_layers = {id(p) for p in layers.parameters()}
+    root_bytes = _bytes(p for p in model.parameters() if id(p) not in in_layers)
+    return ParameterCounts(
+        total=sum(p.numel() for p in params.values()) + lora,
+        weight_bytes=_bytes(params.values()) + 4 * lora,
+        trainable=sum(params[n].numel() for n in trainable) + lora,
+        trainable_16bit=sum(params[n].numel() for n in trainable if params[n].element_size() < 4),
+        teacher_bytes=teacher_bytes,
+        layer_bytes=layer_bytes,
+        root_bytes=root_bytes,
+        layer_mixers=[names[type(layer.self_attn)] for layer in layers],
+    )
+
+
+def _bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def estimate(
+    model_config,
+    recipe: Recipe,
+    stage: str,
+    num_processes: int,
+    device_memory_bytes: int | None = None,
+    sharding: Sharding | None = None,
+    kernels: str | None = None,
+) -> MemoryEstimate:
+    """Per-device memory of `stage` ("attention" or "logits") of `recipe` on `num_processes` processes.
+
+    `model_config` is the teacher's config (nothing is loaded). `sharding` defaults to what
+    `recipe.launch.accelerate_config` sets up. `kernels` ("fused" on CUDA, "chunked" on CPU) defaults to
+    "chunked" for `student.impl=chunked|reference` and "fused" otherwise (the recipes' GPUs). Compute runs
+    in bf16 when `train.precision=bf16` or the teacher is stored in 16 bits, else in fp32 (activation bytes
+    2 or 4).
+    """
+    if stage not in ("attention", "logits"):
+        raise ValueError(f"stage must be attention or logits, got {stage!r}")
+    if num_processes < 1:
+        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+    sharding = sharding or Sharding.from_accelerate_config(recipe.launch.accelerate_config)
+    kernels = kernels or ("chunked" if recipe.student.impl in ("chunked", "reference") else "fused")
+    if kernels not in ACTIVATIONS:
+        raise ValueError(f"kernels must be one of {', '.join(ACTIVATIONS)}, got {kernels!r}")
+    cfg = getattr(recipe.stages, stage)
+    counts = count_parameters(model_config, recipe, stage)
+    n = num_processes
+
+    def shard(nbytes: int, sharded: bool, offloaded: bool = False) -> int:
+        return 0 if offloaded else -(-nbytes // n) if sharded else nbytes
+
+    sixteen_bit = recipe.train.precision == "bf16" or recipe.teacher.dtype != "float32"
+    act_bytes = 2 if sixteen_bit else 4
+    gradients = 4 * counts.trainable * (2 if sharding.gradient_buckets else 1)
+    optimizer = 8 * counts.trainable + 4 * counts.trainable_16bit
+    gathered = 0
+    if sharding.weights or sharding.offload_params:
+        # the compute copy of a gathered layer: 16-bit under mixed precision, else as stored
+        scale = 2 / 4 if sixteen_bit and recipe.teacher.dtype == "float32" else 1
+        gathered = int((GATHERED_LAYERS * counts.layer_bytes + counts.root_bytes) * scale)
+    hidden = model_config.hidden_size
+    intermediate = getattr(model_config, "intermediate_size", 4 * hidden)
+    table = ACTIVATIONS[kernels][stage]
+    if stage == "attention":
+        per_token = sum(table.get(m, 0) for m in counts.layer_mixers) * hidden
+    else:
+        per_token = sum(
+            table[m] * hidden + ACTIVATION_INTERMEDIATE * intermediate for m in counts.layer_mixers
+        )
+    per_token += WORKSPACE_HIDDEN * hidden + WORKSPACE_INTERMEDIATE * intermediate
+    tokens_per_micro = cfg.batch_size * recipe.data.seq_len
+    frozen = 0
+    if stage == "logits" and cfg.trainable == "attention" and not cfg.cache_k:
+        frozen = counts.teacher_bytes
+    return MemoryEstimate(
+        stage=stage,
+        weights=shard(counts.weight_bytes, sharding.weights, sharding.offload_params),
+        gathered=gathered,
+        gradients=shard(gradients, sharding.gradients),
+        optimizer=shard(optimizer, sharding.optimizer, sharding.offload_optimizer),
+        frozen_teacher=frozen,
+        activations=tokens_per_micro * per_token * act_bytes,
+        logits=tokens_per_micro * model_config.vocab_size * 4 * LOGIT_COPIES if stage == "logits" else 0,
+        runtime=RUNTIME_BYTES,
+        params=counts,
+        sharding=sharding,
+        num_processes=n,
+        steps=cfg.steps,
+        tokens=cfg.steps * cfg.batch_size * cfg.grad_accum * n * recipe.data.seq_len,
+        device_memory=device_memory_bytes,
+    )
+
+
+def check_fits(est: MemoryEstimate, available_bytes: int | None = None) -> None:
+    """Raise MemoryBudgetError when `est.total` exceeds the device memory (`available_bytes`, else the one
+    the estimate was made for); naming the total, the memory and the fixes."""
+    available = available_bytes if available_bytes is not None else est.device_memory
+    if available is None or est.total <= available:
+        return
+    stage = est.stage
+    fixes = [
+        f"more processes (launch.processes / launch.nodes; now {est.num_processes})",
+        "shard weights, gradients and optimizer state: launch.accelerate_config=fsdp2 or zero3 "
+        f"(now {est.sharding.name})",
+        f"a smaller stages.{stage}.batch_size with a larger stages.{stage}.grad_accum (same tokens per step)",
+    ]
+    if est.frozen_teacher:
+        fixes.append(
+            "stages.logits.cache_k=32: teacher logits from a disk cache instead of a frozen teacher copy"
+        )
+    fixes.append("train.precision=bf16 and teacher.dtype=bfloat16")
+    raise MemoryBudgetError(
+        f"stage {stage} needs ~{size(est.total)} per device ({est.parts()}) but a device has "
+        f"{size(available)}; fixes: " + "; ".join(fixes)
+    )
+
+
+def device_memory(device, processes_per_node: int = 1) -> int:
+    """Bytes one process may use: a CUDA device's total memory, else the machine's RAM shared by the
+    processes of this node."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return _ram_bytes() // max(processes_per_node, 1)
+
+
+def _ram_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def preflight(recipe: Recipe, model_config, stages: list[str], accelerator) -> list[MemoryEstimate]:
+    """Print the estimate of every stage about to run and refuse the run when one does not fit."""
+    sharding = Sharding.from_accelerator(accelerator)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    available = device_memory(accelerator.device, local)
+    if recipe.launch.device_memory_gb:
+        available = min(available, int(recipe.launch.device_memory_gb * GiB))
+    found = []
+    fused = accelerator.device.type == "cuda" and recipe.student.impl not in ("chunked", "reference")
+    for stage in stages:
+        est = estimate(
+            model_config,
+            recipe,
+            stage,
+            accelerator.num_processes,
+            available,
+            sharding,
+            kernels="fused" if fused else "chunked",
+        )
+        accelerator.print(est.line())
+        found.append(est)
+    for est in found:
+        check_fits(est)
+    return found
