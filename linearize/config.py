@@ -122,6 +122,11 @@ class DataConfig:
     """Tokens per packed training block."""
     add_bos: bool = True
     """Prepend the tokenizer's BOS token to every document (when it has one)."""
+    streaming: bool = False
+    """Read the training text as a stream (`datasets` streaming): tokenised and packed on the fly, split
+    over processes, in corpus order (shuffle the corpus beforehand), the position in the stream saved in
+    every checkpoint so a resumed run continues on the next unseen block. For corpora that do not fit in
+    memory; held-out text then comes from `data.heldout` only."""
 
     def __post_init__(self) -> None:
         if not self.train:
@@ -130,6 +135,11 @@ class DataConfig:
             raise RecipeError(f"data.seq_len must be >= 2, got {self.seq_len}")
         if self.heldout_docs < 0:
             raise RecipeError(f"data.heldout_docs must be >= 0, got {self.heldout_docs}")
+        if self.streaming and not self.heldout and self.heldout_docs:
+            raise RecipeError(
+                "data.streaming reads the training text once, in order, so it cannot hold documents out of it: "
+                "give data.heldout=<files> (or data.heldout_docs=0 for no held-out evaluation)"
+            )
 
 
 @dataclass(kw_only=True)
@@ -360,6 +370,13 @@ class Recipe:
     """Held-out evaluation run at the end of `linearize convert`."""
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     """The launch the recipe was sized for: accelerate config, processes, nodes, hardware."""
+
+    def __post_init__(self) -> None:
+        if self.data.streaming and self.stages.logits.cache_k:
+            raise RecipeError(
+                "stages.logits.cache_k needs the training blocks up front (data.streaming=false): the cache is "
+                "written over every block before stage 2"
+            )
 
     @property
     def run_dir(self) -> Path:

@@ -19,7 +19,7 @@ from linearize.convert.export import export, hardware
 from linearize.convert.swap import plan_for, swap
 from linearize.convert.teachers import load_teacher
 from linearize.distill import checkpoint
-from linearize.distill.data import build_splits
+from linearize.distill.data import StreamedBlocks, build_splits
 from linearize.distill.logit_cache import LogitCache, write_logit_cache
 from linearize.distill.loop import MetricsLog, make_accelerator, train_stage
 from linearize.distill.memory import preflight
@@ -125,8 +125,8 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=is_main)
     evals = EvalLog(run_dir / "eval.json", enabled=is_main)
     accelerator.print(
-        f"data: {splits.train.shape[0]} training blocks of {splits.train.shape[1]} tokens, "
-        f"{len(splits.heldout)} held-out documents"
+        f"data: {'a stream of' if splits.streaming else splits.train.shape[0]} training blocks of "
+        f"{splits.train.shape[1]} tokens, {len(splits.heldout)} held-out documents"
     )
     teacher = teacher.to(accelerator.device)
 
@@ -173,7 +173,16 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
                 recipe=recipe,
                 model=model,
                 loss_fn=loss_fn,
-                blocks=splits.train,
+                blocks=None if splits.streaming else splits.train,
+                source=StreamedBlocks(
+                    recipe.data,
+                    tokenizer,
+                    cfg.batch_size,
+                    accelerator.process_index,
+                    accelerator.num_processes,
+                )
+                if splits.streaming
+                else None,
                 stage_dir=stage_dir,
                 log=log,
                 accelerator=accelerator,

@@ -1,7 +1,11 @@
 """Distillation data: documents loaded with `datasets`, tokenised, packed into fixed-length blocks.
 
-Order is a pure function of (seed, step): the batch of step n never depends on what ran before, so a
-resumed run sees exactly the batches an uninterrupted one would, with no data iterator state to save.
+Two sources of training batches, one interface (`batch`, `state_dict`, `load_state_dict`):
+- `IndexedBlocks` (default): every block in memory; the batch of step n is a pure function of (seed, n),
+  so a resumed run sees exactly the batches an uninterrupted one would, with no state to save.
+- `StreamedBlocks` (`data.streaming=true`): a `datasets` stream tokenised and packed on the fly, split over
+  processes, read in order; its position is saved in every checkpoint, so a resumed run continues on the
+  next unseen block, with no repeat and no skip.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from linearize.config import DataConfig
 from linearize.convert.teachers import BUNDLED_PREFIX, bundled_path
 
 HUB_PREFIX = "hub:"
+PREVIEW_BLOCKS = 16  # blocks read from the head of a stream for the layer ranking and a sample prompt
 _FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -29,6 +34,8 @@ class Splits:
     """[num_blocks, seq_len] token ids of packed training blocks."""
     heldout: list[list[int]]
     """Held-out documents, tokenised (BOS included when the recipe adds it)."""
+    streaming: bool = False
+    """`train` is only the start of a stream (see `build_splits`)."""
 
     @property
     def train_tokens(self) -> int:
@@ -43,14 +50,14 @@ def _split_documents(batch: dict, separator: str) -> dict:
     return {"text": docs}
 
 
-def load_documents(source: str, text_field: str = "text", separator: str = "<|endoftext|>") -> list[str]:
-    """Documents of one source: a local .txt/.jsonl/.json/.parquet file, `hub:NAME` or `bundled:NAME`."""
+def _open(source: str, text_field: str, separator: str, streaming: bool = False):
+    """One source as a `datasets` (Iterable)Dataset with a `text_field` column of documents."""
     import datasets
 
     if source.startswith(HUB_PREFIX):
         name = source[len(HUB_PREFIX) :]
         try:
-            ds = datasets.load_dataset(name, split="train")
+            ds = datasets.load_dataset(name, split="train", streaming=streaming)
         except Exception as err:  # datasets raises many kinds for a missing or unreachable dataset
             raise DataError(
                 f"cannot load Hub dataset {name!r}: {err}; offline, give local files instead"
@@ -67,13 +74,23 @@ def load_documents(source: str, text_field: str = "text", separator: str = "<|en
                 f"data file {path}: unknown format {path.suffix!r}; use one of {', '.join(_FORMATS)}"
             )
         kwargs = {"sample_by": "document"} if fmt == "text" else {}
-        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
-        if fmt == "text":
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", streaming=streaming, **kwargs)
+        if fmt == "text":  # one document per separator-delimited part, in the column the recipe names
             ds = ds.map(_split_documents, batched=True, fn_kwargs={"separator": separator})
-    if text_field not in ds.column_names:
+            return ds.rename_column("text", text_field) if text_field != "text" else ds
+    columns = ds.column_names
+    if columns is None:  # a stream whose schema is known only once read: look at its first row
+        columns = list(next(iter(ds), {}))
+    if text_field not in columns:
         raise DataError(
-            f"{source}: no column {text_field!r} (columns: {', '.join(ds.column_names)}); set data.text_field"
+            f"{source}: no column {text_field!r} (columns: {', '.join(columns)}); set data.text_field"
         )
+    return ds
+
+
+def load_documents(source: str, text_field: str = "text", separator: str = "<|endoftext|>") -> list[str]:
+    """Documents of one source: a local .txt/.jsonl/.json/.parquet file, `hub:NAME` or `bundled:NAME`."""
+    ds = _open(source, text_field, separator)
     docs = [t for t in ds[text_field] if isinstance(t, str) and t.strip()]
     if not docs:
         raise DataError(f"{source} holds no non-empty documents")
@@ -103,10 +120,16 @@ def pack(token_lists: list[list[int]], seq_len: int, keep_remainder: bool = Fals
 
 
 def build_splits(cfg: DataConfig, tokenizer) -> Splits:
-    """Training blocks and held-out documents as the recipe's data section says."""
+    """Training blocks and held-out documents as the recipe's data section says. When streaming, `train`
+    holds only the first `PREVIEW_BLOCKS` blocks of the stream (for the layer ranking and a sample prompt);
+    training batches come from `StreamedBlocks`."""
+    heldout_docs = [d for src in cfg.heldout for d in load_documents(src, cfg.text_field, cfg.doc_separator)]
+    if cfg.streaming:
+        first = StreamedBlocks(cfg, tokenizer, PREVIEW_BLOCKS, rank=0, num_processes=1).batch(0)
+        return Splits(train=first, heldout=tokenize(heldout_docs, tokenizer, cfg.add_bos), streaming=True)
     docs = [d for src in cfg.train for d in load_documents(src, cfg.text_field, cfg.doc_separator)]
     if cfg.heldout:
-        heldout = [d for src in cfg.heldout for d in load_documents(src, cfg.text_field, cfg.doc_separator)]
+        heldout = heldout_docs
     else:
         if cfg.heldout_docs >= len(docs):
             raise DataError(
@@ -131,3 +154,97 @@ def batch_indices(num_blocks: int, batch_size: int, step: int, seed: int) -> tor
         perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         out += perm[offset : offset + batch_size - len(out)].tolist()
     return torch.tensor(out)
+
+
+class IndexedBlocks:
+    """Batches of in-memory blocks: epochs are seeded permutations, the batch of a step is a pure function
+    of (seed, step), each process takes its slice of the global batch. Nothing to save for a resume."""
+
+    def __init__(self, blocks: torch.Tensor, seed: int, per_process: int, rank: int, num_processes: int):
+        self.blocks, self.seed = blocks, seed
+        self.per_process, self.rank, self.num_processes = per_process, rank, num_processes
+        self.last: list[int] = []
+
+    @property
+    def seq_len(self) -> int:
+        return self.blocks.shape[1]
+
+    def batch(self, index: int) -> torch.Tensor:
+        """This process's blocks of global batch number `index` (optimizer step × grad_accum + micro)."""
+        idx = batch_indices(len(self.blocks), self.per_process * self.num_processes, index, self.seed)
+        mine = idx[self.rank * self.per_process : (self.rank + 1) * self.per_process]
+        self.last = mine.tolist()
+        return self.blocks[mine]
+
+    def describe(self) -> str:
+        return f"training blocks {self.last}"
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class StreamedBlocks:
+    """Batches read in order from a `datasets` stream of the training sources: tokenised and packed into
+    blocks on the fly (documents joined with BOS as in memory; each map batch of `MAP_BATCH` documents
+    drops its last partial block), split over processes with `split_dataset_by_node`, restarted for a new
+    epoch when it ends. `state_dict` is the stream's position, saved with every checkpoint."""
+
+    MAP_BATCH = 1000
+
+    def __init__(self, cfg: DataConfig, tokenizer, per_process: int, rank: int, num_processes: int):
+        import datasets
+        from datasets.distributed import split_dataset_by_node
+
+        self.cfg, self.per_process = cfg, per_process
+        parts = [_open(src, cfg.text_field, cfg.doc_separator, streaming=True) for src in cfg.train]
+        parts = [ds.select_columns([cfg.text_field]) for ds in parts]
+        stream = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+        def tokenize_and_pack(batch: dict) -> dict:
+            docs = [t for t in batch[cfg.text_field] if isinstance(t, str) and t.strip()]
+            return {"input_ids": pack(tokenize(docs, tokenizer, cfg.add_bos), cfg.seq_len)}
+
+        stream = stream.map(
+            tokenize_and_pack, batched=True, batch_size=self.MAP_BATCH, remove_columns=[cfg.text_field]
+        )
+        self.stream = split_dataset_by_node(stream, rank=rank, world_size=num_processes)
+        self.epoch, self.position, self._rows = 0, 0, None
+
+    @property
+    def seq_len(self) -> int:
+        return self.cfg.seq_len
+
+    def batch(self, index: int) -> torch.Tensor:
+        """The next `per_process` blocks of this process's share of the stream (`index` is not needed:
+        the stream is read in order, and a resumed one continues where its checkpoint left it)."""
+        rows, empty_epochs = [], 0
+        while len(rows) < self.per_process:
+            if self._rows is None:
+                self.stream.set_epoch(self.epoch)
+                self._rows = iter(self.stream)
+            try:
+                rows.append(next(self._rows)["input_ids"])
+                self.position += 1
+                empty_epochs = 0
+            except StopIteration:
+                if self.position == 0 or empty_epochs:
+                    raise DataError(
+                        f"the training stream {self.cfg.train} yields no block of data.seq_len={self.seq_len} "
+                        "tokens for this process"
+                    ) from None
+                self.epoch, self._rows, empty_epochs = self.epoch + 1, None, 1
+        return torch.tensor(rows, dtype=torch.long)
+
+    def describe(self) -> str:
+        return f"stream epoch {self.epoch}, blocks up to #{self.position} of this process"
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "stream": self.stream.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self.stream.load_state_dict(state["stream"])
+        self._rows = None

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from linearize.config import Recipe, StageConfig
 from linearize.distill import checkpoint
-from linearize.distill.data import batch_indices
+from linearize.distill.data import IndexedBlocks
 
 # Test hook: "STAGE:STEP[:WHEN][@RANK]" makes the process (only rank RANK, if given) SIGKILL itself at
 # optimizer step STEP: WHEN is "after" (the step is done; the default), "mid" (gradients computed, the
@@ -128,7 +128,8 @@ def train_stage(
     recipe: Recipe,
     model: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
-    blocks: torch.Tensor,
+    blocks: torch.Tensor | None = None,
+    source=None,
     stage_dir: Path,
     log: MetricsLog,
     accelerator,
@@ -148,22 +149,27 @@ def train_stage(
         optimizer, cfg.warmup_steps, max(cfg.steps, 1), min_lr_rate=cfg.min_lr_ratio
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    per_process = cfg.batch_size
+    rank = accelerator.process_index
+    if source is None:  # in-memory blocks: batches are a pure function of (seed, step)
+        source = IndexedBlocks(blocks, recipe.seed, per_process, rank, accelerator.num_processes)
     ckpt_root = stage_dir / "checkpoints"
     start, last_loss = 0, None
     found = checkpoint.latest(ckpt_root)
     if found is not None:
-        # The batch of a step is a pure function of (seed, step): nothing draws random numbers between
-        # here and the first step, so the restored RNG state is exactly the one the killed run had.
+        # Nothing draws random numbers between here and the first step, so the restored RNG state is
+        # exactly the one the killed run had; a stream continues from the position saved with the step.
         accelerator.load_state(str(found[1]))
         info = json.loads((found[1] / checkpoint.MARKER).read_text())
         start, last_loss = info["step"], info.get("loss")
+        data_state = found[1] / f"data_state_{rank}.json"
+        if data_state.is_file():
+            source.load_state_dict(json.loads(data_state.read_text()))
         accelerator.print(f"[{name}] resuming from {found[1]} (step {start}/{cfg.steps})")
     log.drop_after(name, start)
 
-    per_process = cfg.batch_size
     global_batch = per_process * accelerator.num_processes
-    rank = accelerator.process_index
-    tokens_per_step = global_batch * cfg.grad_accum * blocks.shape[1]
+    tokens_per_step = global_batch * cfg.grad_accum * source.seq_len
     fault = _fault_hook(name, accelerator.process_index)
     began = time.perf_counter()
     model.train()
@@ -179,8 +185,7 @@ def train_stage(
         t0 = time.perf_counter()
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(cfg.grad_accum):
-            idx = batch_indices(len(blocks), global_batch, step * cfg.grad_accum + micro, recipe.seed)
-            batch = blocks[idx[rank * per_process : (rank + 1) * per_process]].to(accelerator.device)
+            batch = source.batch(step * cfg.grad_accum + micro).to(accelerator.device)
             sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext()
             with sync:
                 with accelerator.autocast():
@@ -188,12 +193,11 @@ def train_stage(
                 # every rank learns whether any rank's loss is bad, so all stop together (no rank hangs)
                 bad = accelerator.reduce(torch.isfinite(loss.detach()).logical_not().float(), reduction="sum")
                 if bad.item():
-                    mine = idx[rank * per_process : (rank + 1) * per_process].tolist()
                     where = _first_nonfinite_layer(model, batch, loss_fn)
                     raise TrainingError(
                         f"stage {name}: non-finite loss on {int(bad.item())} of {accelerator.num_processes} "
                         f"process(es) at step {step + 1} (micro-batch {micro}); on rank {rank}: loss "
-                        f"{loss.item()}, training blocks {mine}, first non-finite output in {where}. Lower "
+                        f"{loss.item()}, {source.describe()}, first non-finite output in {where}. Lower "
                         f"stages.{name}.lr, use train.precision=fp32, or check those blocks"
                     )
                 accelerator.backward(loss / cfg.grad_accum)
@@ -222,7 +226,7 @@ def train_stage(
             )
         if done % recipe.train.checkpoint_every == 0 or done == cfg.steps:
             _save(
-                accelerator, ckpt_root, done, name, last_loss, recipe, lambda done=done: fault(done, "save")
+                accelerator, ckpt_root, done, name, last_loss, recipe, source, lambda d=done: fault(d, "save")
             )
         fault(done, "after")
     bar.close()
@@ -231,10 +235,20 @@ def train_stage(
 
 
 def _save(
-    accelerator, root: Path, step: int, stage: str, loss: float | None, recipe: Recipe, fault=lambda: None
+    accelerator,
+    root: Path,
+    step: int,
+    stage: str,
+    loss: float | None,
+    recipe: Recipe,
+    source,
+    fault=lambda: None,
 ) -> None:
     def write(tmp: Path) -> None:
         accelerator.save_state(str(tmp))
+        state = source.state_dict()
+        if state:  # every process saves its own position in its share of the stream
+            (tmp / f"data_state_{accelerator.process_index}.json").write_text(json.dumps(state))
         if accelerator.is_main_process:
             (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         fault()
