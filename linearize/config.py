@@ -243,6 +243,9 @@ class TrainConfig:
     """Complete checkpoints kept per stage (at least 2, so a failed save never leaves none)."""
     log_every: int = 1
     """Append a metrics line to metrics.jsonl every this many steps."""
+    skip_nonfinite: int = 0
+    """Steps with a non-finite loss to skip (no update; the step is logged with the reason) before the run
+    stops; 0: stop at the first, naming the step, the blocks and the layer."""
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 1:
@@ -251,6 +254,8 @@ class TrainConfig:
             raise RecipeError(f"train.keep_checkpoints must be >= 2, got {self.keep_checkpoints}")
         if self.log_every < 1:
             raise RecipeError(f"train.log_every must be >= 1, got {self.log_every}")
+        if self.skip_nonfinite < 0:
+            raise RecipeError(f"train.skip_nonfinite must be >= 0, got {self.skip_nonfinite}")
 
 
 @dataclass(kw_only=True)

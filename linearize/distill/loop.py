@@ -154,14 +154,14 @@ def train_stage(
     if source is None:  # in-memory blocks: batches are a pure function of (seed, step)
         source = IndexedBlocks(blocks, recipe.seed, per_process, rank, accelerator.num_processes)
     ckpt_root = stage_dir / "checkpoints"
-    start, last_loss = 0, None
+    start, last_loss, skipped = 0, None, 0
     found = checkpoint.latest(ckpt_root)
     if found is not None:
         # Nothing draws random numbers between here and the first step, so the restored RNG state is
         # exactly the one the killed run had; a stream continues from the position saved with the step.
         accelerator.load_state(str(found[1]))
         info = json.loads((found[1] / checkpoint.MARKER).read_text())
-        start, last_loss = info["step"], info.get("loss")
+        start, last_loss, skipped = info["step"], info.get("loss"), info.get("skipped", 0)
         data_state = found[1] / f"data_state_{rank}.json"
         if data_state.is_file():
             source.load_state_dict(json.loads(data_state.read_text()))
@@ -184,6 +184,7 @@ def train_stage(
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         step_loss = torch.zeros((), device=accelerator.device)
+        skip = ""  # why this step is skipped (a non-finite loss the recipe allows to skip), else ""
         for micro in range(cfg.grad_accum):
             batch = source.batch(step * cfg.grad_accum + micro).to(accelerator.device)
             sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext()
@@ -194,21 +195,30 @@ def train_stage(
                 bad = accelerator.reduce(torch.isfinite(loss.detach()).logical_not().float(), reduction="sum")
                 if bad.item():
                     where = _first_nonfinite_layer(model, batch, loss_fn)
-                    raise TrainingError(
+                    skip = (
                         f"stage {name}: non-finite loss on {int(bad.item())} of {accelerator.num_processes} "
                         f"process(es) at step {step + 1} (micro-batch {micro}); on rank {rank}: loss "
-                        f"{loss.item()}, {source.describe()}, first non-finite output in {where}. Lower "
-                        f"stages.{name}.lr, use train.precision=fp32, or check those blocks"
+                        f"{loss.item()}, {source.describe()}, first non-finite output in {where}"
                     )
+                    if skipped >= recipe.train.skip_nonfinite:
+                        raise TrainingError(
+                            f"{skip}. Lower stages.{name}.lr, use train.precision=fp32, check those blocks, or "
+                            f"let train.skip_nonfinite (now {recipe.train.skip_nonfinite}) skip such steps"
+                        )
+                    break
                 accelerator.backward(loss / cfg.grad_accum)
             step_loss += loss.detach() / cfg.grad_accum
         fault(step + 1, "mid")
-        if cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
+        if skip:  # every rank saw the same all-reduced verdict: no rank steps, none waits
+            skipped += 1
+            accelerator.print(f"[{name}] skipped ({skipped}/{recipe.train.skip_nonfinite}): {skip}")
+        else:
+            if cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            last_loss = accelerator.reduce(step_loss, reduction="mean").item()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        last_loss = accelerator.reduce(step_loss, reduction="mean").item()
         done = step + 1
         tok_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
         bar.set_postfix(loss=f"{last_loss:.4g}", tok_s=f"{tok_s:,.0f}", refresh=False)  # mininterval rules
@@ -222,28 +232,21 @@ def train_stage(
                     "lr": scheduler.get_last_lr()[0],
                     "tokens": done * tokens_per_step,
                     "tok_s": tok_s,
+                    **({"skipped": skip} if skip else {}),
                 }
             )
         if done % recipe.train.checkpoint_every == 0 or done == cfg.steps:
-            _save(
-                accelerator, ckpt_root, done, name, last_loss, recipe, source, lambda d=done: fault(d, "save")
-            )
+            info = {"stage": name, "step": done, "loss": last_loss, "skipped": skipped}
+            _save(accelerator, ckpt_root, info, recipe, source, lambda d=done: fault(d, "save"))
         fault(done, "after")
     bar.close()
     accelerator.free_memory()
     return StageResult(cfg.steps, cfg.steps * tokens_per_step, last_loss, time.perf_counter() - began)
 
 
-def _save(
-    accelerator,
-    root: Path,
-    step: int,
-    stage: str,
-    loss: float | None,
-    recipe: Recipe,
-    source,
-    fault=lambda: None,
-) -> None:
+def _save(accelerator, root: Path, info: dict, recipe: Recipe, source, fault=lambda: None) -> None:
+    step, stage = info["step"], info["stage"]
+
     def write(tmp: Path) -> None:
         accelerator.save_state(str(tmp))
         state = source.state_dict()
@@ -258,7 +261,7 @@ def _save(
         checkpoint.write_atomic(
             target,
             write,
-            info={"stage": stage, "step": step, "loss": loss},
+            info=info,
             is_main=accelerator.is_main_process,
             barrier=accelerator.wait_for_everyone,
         )

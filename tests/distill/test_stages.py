@@ -71,8 +71,9 @@ def test_logits_stage_teacher_does_not_move(trainable):
         assert all(".self_attn." in n for n in names)
 
 
-def run_stage(tmp_path, loss_fn, model, precision="fp32", steps=3):
-    recipe = Recipe(output_dir=str(tmp_path), train=TrainConfig(precision=precision, checkpoint_every=2))
+def run_stage(tmp_path, loss_fn, model, precision="fp32", steps=3, skip_nonfinite=0):
+    train = TrainConfig(precision=precision, checkpoint_every=2, skip_nonfinite=skip_nonfinite)
+    recipe = Recipe(output_dir=str(tmp_path), train=train)
     cfg = StageConfig(steps=steps, batch_size=2, lr=1e-2)
     return train_stage(
         name="attention",
@@ -150,3 +151,29 @@ def test_a_full_disk_during_a_save_is_a_clear_error_and_keeps_the_last_checkpoin
     ):
         run_stage(tmp_path, attention_stage(student), student, steps=4)
     assert {p.name: sorted(q.name for q in p.iterdir()) for p in ckpts.iterdir()} == before
+
+
+def test_a_recipe_can_skip_steps_with_a_non_finite_loss(tmp_path):
+    _, student = student_of()
+    stage_loss, calls = attention_stage(student), []
+
+    def nan_at_step_2(model, ids):
+        calls.append(1)
+        loss = stage_loss(model, ids)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+    run_stage(tmp_path / "a", nan_at_step_2, student, steps=3, skip_nonfinite=1)
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [("skipped" in r) for r in lines] == [False, True, False]
+    assert "non-finite loss on 1 of 1 process(es) at step 2" in lines[1]["skipped"]
+    calls.clear()
+
+    def nan_from_step_2(model, ids):
+        calls.append(1)
+        loss = stage_loss(model, ids)
+        return loss * float("nan") if len(calls) >= 2 else loss
+
+    with pytest.raises(TrainingError, match=r"at step 3 .*train\.skip_nonfinite \(now 1\)"):
+        run_stage(tmp_path / "b", nan_from_step_2, student, steps=4, skip_nonfinite=1)
