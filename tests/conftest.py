@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,3 +77,21 @@ def fresh_accelerator_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+SMOLLM2_ASSET = Path(__file__).resolve().parents[2] / "shared" / "assets" / "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct as a plain HF folder, materialized once from the GGUF in ../shared/assets.
+
+    The folder is cached where the assets README says (~/.cache/linearize-assets); the first run takes
+    about a minute. Skipped only where the checkout has no ../shared beside it (CI always has it).
+    """
+    script = SMOLLM2_ASSET / "materialize.py"
+    if not script.exists():
+        pytest.skip(f"needs {script} (the shared assets beside the checkout)")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, f"materialize.py failed:\n{out.stdout}\n{out.stderr}"
+    return Path(out.stdout.strip().splitlines()[-1])
