@@ -80,7 +80,9 @@ def window_control(ctx) -> dict:
 
 def hybrid_branch_controls(ctx) -> dict:
     """Per-branch controls of a hybrid student: the student with only its window branch, only its linear
-    branch, and with no attention at all, scored like the student.
+    branch, and with no attention at all, scored on the student's metrics (held-out perplexity, MQAR and
+    passkey accuracy) next to the whole student. A student that does not beat each of its own branches on
+    perplexity is flagged (`student_beats_branches`, `verdict`): the other branch then adds nothing.
 
     Uses the hybrid mixers' branch switches (a mixer mode per branch, set with
     `linearize.architectures.mixers.mode`); a student without a window branch is an error.
@@ -99,14 +101,30 @@ def hybrid_branch_controls(ctx) -> dict:
             f"controls for hybrid branches need the mixer modes {', '.join(missing)}, which this version of "
             f"linearize.architectures.mixers lacks"
         )
-    from linearize.architectures.mixers import mode
+    from linearize.evals.harness import Scorer
     from linearize.evals.perplexity import ppl_blocks, scorer_perplexity
+    from linearize.evals.recall import recall_scores
 
     blocks, meta = ppl_blocks(ctx)
+    scorers = [ctx.student] + [Scorer(b, ctx.student.model, mixer_mode=b) for b in BRANCHES]
+    recall = recall_scores(ctx, scorers)
     out = {"meta": meta}
-    for branch in BRANCHES:
-        with mode(ctx.student.model, branch):
-            out[branch] = scorer_perplexity(ctx.student, blocks, ctx.settings.batch_size)
+    for sc in scorers:
+        out[sc.name] = {
+            **scorer_perplexity(sc, blocks, ctx.settings.batch_size),
+            "mqar": recall["mqar"][sc.name]["mean"],
+            "passkey": recall["passkey"][sc.name]["mean"],
+        }
+    student = out[ctx.student.name]["ppl"]
+    beats = {b: student < out[b]["ppl"] for b in BRANCHES}
+    out["student_beats_branches"] = beats
+    out["verdict"] = (
+        "the student beats each of its branches alone on perplexity"
+        if all(beats.values())
+        else "the student does NOT beat its "
+        + ", ".join(b for b, v in beats.items() if not v)
+        + " control on perplexity: the other branch adds nothing there"
+    )
     return out
 
 

@@ -143,6 +143,8 @@ class Scorer:
     model: torch.nn.Module
     mask: Callable[[int, torch.device], torch.Tensor] | None = None
     """seq_len, device -> [1, 1, seq_len, seq_len] boolean mask (True = may attend), for the controls."""
+    mixer_mode: str | None = None
+    """A mixer mode to score the model in (a hybrid student's branch control, e.g. "window_only")."""
 
     @property
     def device(self) -> torch.device:
@@ -155,7 +157,12 @@ class Scorer:
         kwargs = {}
         if self.mask is not None:
             kwargs["attention_mask"] = self.mask(ids.shape[1], ids.device).expand(ids.shape[0], 1, -1, -1)
-        return self.model(input_ids=ids, use_cache=False, **kwargs).logits.float()
+        if self.mixer_mode is None:
+            return self.model(input_ids=ids, use_cache=False, **kwargs).logits.float()
+        from linearize.architectures.mixers import mode
+
+        with mode(self.model, self.mixer_mode):
+            return self.model(input_ids=ids, use_cache=False, **kwargs).logits.float()
 
 
 @dataclass

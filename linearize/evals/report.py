@@ -165,6 +165,23 @@ def markdown(results: dict) -> str:
             f"sink tokens, no training (its numbers are the `sliding_window` rows above).\n\n"
             f"**Verdict: {window['verdict']}.**\n"
         )
+    branches = tasks.get("controls", {}).get("branches")
+    if branches:
+        names = [n for n in ("student", "window_only", "linear_only", "no_attention") if n in branches]
+        rows = [
+            [n, branches[n]["ppl"], _ratio(branches[n]["ppl"], branches["student"]["ppl"]),
+             branches[n]["mqar"], branches[n]["passkey"]]
+            for n in names
+        ]  # fmt: skip
+        meta = branches["meta"]
+        parts.append(
+            ("" if window else "## Controls\n\n")
+            + "Hybrid branches: the student with one branch switched off (window only, linear only) and with "
+            f"no attention (o_proj(0)); perplexity on {meta['source']} ({meta['mode']} mode, "
+            f"{meta['seq_len']}-token windows), MQAR and passkey as above.\n\n"
+            + _table(["model", "perplexity", "x student", "MQAR", "passkey"], rows)
+            + f"\n**Verdict: {branches['verdict']}.**\n"
+        )
     for name, res in tasks.items():
         if name.startswith("lm_eval:"):
             metrics = sorted({k for sub in res["teacher"].values() for k in sub})

@@ -316,24 +316,26 @@ def test_exported_checkpoint_runs_with_plain_lm_eval_cli(student_dir, tmp_path):
     "fields", [dict(mixer="window_linear", window=16), dict(mixer="gated", gated_window=True, window=16)]
 )
 def test_branch_controls_score_each_branch_of_a_hybrid_student(fields, tmp_path):
-    """Both hybrid mixers: window only, linear only and no attention each give their own perplexity,
-    and switching off all attention is the worst of them."""
-    from linearize.evals.controls import hybrid_branch_controls
-
+    """Both hybrid mixers: window only, linear only and no attention each get the student's metrics
+    (perplexity, MQAR, passkey); switching off all attention is the worst of them; the report shows the
+    table and says whether the student beats each of its branches."""
     torch.set_num_threads(1)
     teacher, tok = load_teacher("bundled:stories260K")
     plan = plan_for(StudentConfig(**fields), teacher.config)
     torch.manual_seed(0)
     folder = export(swap(teacher, plan), tok, plan, Recipe(), tmp_path / "final")
-    student, tok, recipe = load_student(folder, torch.device("cpu"))
-    hybrid = EvalContext(
-        teacher=Scorer("teacher", load_teacher("bundled:stories260K")[0]),
-        student=Scorer("student", student),
-        tokenizer=tok,
-        settings=EvalSettings(**SMALL),
-        recipe=recipe,
-    )
-    out = hybrid_branch_controls(hybrid)
-    ppl = {b: out[b]["ppl"] for b in ("window_only", "linear_only", "no_attention")}
+    settings = EvalSettings(**SMALL, controls=["branches"])
+    results = evaluate(folder, ["controls"], out=tmp_path / "report", settings=settings, log=lambda _: None)
+    out = results["tasks"]["controls"]["branches"]
+    branches = ("window_only", "linear_only", "no_attention")
+    ppl = {b: out[b]["ppl"] for b in branches}
     assert len(set(ppl.values())) == 3 and all(0 < x < float("inf") for x in ppl.values()), ppl
     assert ppl["no_attention"] == max(ppl.values()), ppl
+    assert all(0 <= out[b][metric] <= 1 for b in (*branches, "student") for metric in ("mqar", "passkey"))
+    assert out["student_beats_branches"] == {b: out["student"]["ppl"] < ppl[b] for b in branches}
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| window_only |" in text and "| no_attention |" in text
+    expected = (
+        "beats each of its branches" if all(out["student_beats_branches"].values()) else "does NOT beat"
+    )
+    assert expected in out["verdict"] and out["verdict"] in text
