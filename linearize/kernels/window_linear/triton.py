@@ -1,6 +1,6 @@
-"""Triton form of window_linear: the banded softmax (window) part runs in our Triton kernels, forward and
-backward; the linear part (causal linear attention over keys shifted by W) runs in torch's chunked scan.
-See README.md, "Triton design".
+"""Triton form of window_linear: both parts run in our Triton kernels, forward and backward: the banded
+softmax (window) part, and the linear part (causal linear attention over keys shifted by W, a chunked scan);
+only their elementwise combination is torch. See README.md, "Triton design".
 
 Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (how it is tested without a GPU): in
 interpreter mode the block sizes are fixed (Triton's autotuner wants a GPU driver even when interpreting).
@@ -12,13 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked import (
-    WindowLinearState,
-    combine_parts,
-    empty_window_linear_state,
-    extend_with_window,
-    linear_part_chunked,
-)
+from .chunked import WindowLinearState, empty_window_linear_state, extend_with_window
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -237,15 +231,288 @@ def _window_bwd_dkv_kernel(
     )
 
 
+@triton.jit
+def _linear_states_kernel(
+    FK, Vv, S0, HS, ZS, SF,
+    T, TE, H, NT,
+    F: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    # One program: a [BF, BV] tile of the state of one (batch, head), scanned over the NT chunks of BT keys.
+    # FK: [B, TE, H, F], Vv: [B, TE, H, V] (only the first T extended keys are read); S0, SF: [B, H, F, V+1]
+    # (last column: the feature-key sum z); HS: [B, H, NT, F, V] and ZS: [B, H, NT, F], the state before each
+    # chunk. z is kept by every program and stored by those with pid_v == 0.
+    pid_f = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_f = pid_f * BF + tl.arange(0, BF)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    mf = offs_f < F
+    mfv = mf[:, None] & (offs_v[None, :] < V)
+    mz = offs_f < tl.where(pid_v == 0, F, 0)  # z is stored by the first V tile only
+    s_ptrs = (pid_bh * F + offs_f[:, None]) * (V + 1) + offs_v[None, :]
+    z_ptrs = (pid_bh * F + offs_f) * (V + 1) + V
+    state = tl.load(S0 + s_ptrs, mask=mfv, other=0.0)
+    z = tl.load(S0 + z_ptrs, mask=mf, other=0.0)
+    for i in range(NT):
+        tl.store(HS + ((pid_bh * NT + i) * F + offs_f[:, None]) * V + offs_v[None, :], state, mask=mfv)
+        tl.store(ZS + (pid_bh * NT + i) * F + offs_f, z, mask=mz)
+        offs_t = i * BT + tl.arange(0, BT)
+        mt = offs_t < T
+        fk = tl.load(
+            FK + (b * TE + offs_t[:, None]) * H * F + h * F + offs_f[None, :],
+            mask=mt[:, None] & mf[None, :],
+            other=0.0,
+        )
+        v = tl.load(
+            Vv + (b * TE + offs_t[:, None]) * H * V + h * V + offs_v[None, :],
+            mask=mt[:, None] & (offs_v[None, :] < V),
+            other=0.0,
+        )
+        state += tl.dot(tl.trans(fk), v, input_precision="ieee")
+        z += tl.sum(fk, 0)
+    tl.store(SF + s_ptrs, state, mask=mfv)
+    tl.store(SF + z_ptrs, z, mask=mz)
+
+
+@triton.jit
+def _linear_fwd_kernel(
+    FQ, FK, Vv, HS, ZS, NUM, DEN,
+    T, TE, H, NT,
+    F: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    # One program: chunk i (queries i*BT .. and the extended keys of the same indices) x one V tile, of one
+    # (batch, head); F in tiles of BF. With A = (fq fkᵀ) ⊙ [j ≤ t]: num = fq h_i + A v, den = fq·z_i + A 1
+    # (stored by the first V tile). FQ: [B, T, H, F]; NUM: [B, T, H, V]; DEN: [B, H, T].
+    i = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_t = i * BT + tl.arange(0, BT)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    mt = offs_t < T
+    mv = offs_v < V
+    num = tl.zeros([BT, BV], dtype=tl.float32)
+    a = tl.zeros([BT, BT], dtype=tl.float32)
+    den = tl.zeros([BT], dtype=tl.float32)
+    for f0 in range(0, F, BF):
+        offs_f = f0 + tl.arange(0, BF)
+        mf = offs_f < F
+        fq = tl.load(
+            FQ + (b * T + offs_t[:, None]) * H * F + h * F + offs_f[None, :],
+            mask=mt[:, None] & mf[None, :],
+            other=0.0,
+        )
+        fk = tl.load(
+            FK + (b * TE + offs_t[:, None]) * H * F + h * F + offs_f[None, :],
+            mask=mt[:, None] & mf[None, :],
+            other=0.0,
+        )
+        hs = tl.load(
+            HS + ((pid_bh * NT + i) * F + offs_f[:, None]) * V + offs_v[None, :],
+            mask=mf[:, None] & mv[None, :],
+            other=0.0,
+        )
+        z = tl.load(ZS + (pid_bh * NT + i) * F + offs_f, mask=mf, other=0.0)
+        num += tl.dot(fq, hs, input_precision="ieee")
+        a += tl.dot(fq, tl.trans(fk), input_precision="ieee")
+        den += tl.sum(fq * z[None, :], 1)
+    a = tl.where(offs_t[None, :] <= offs_t[:, None], a, 0.0)
+    v = tl.load(
+        Vv + (b * TE + offs_t[:, None]) * H * V + h * V + offs_v[None, :],
+        mask=mt[:, None] & mv[None, :],
+        other=0.0,
+    )
+    num += tl.dot(a, v, input_precision="ieee")
+    den += tl.sum(a, 1)
+    tl.store(
+        NUM + (b * T + offs_t[:, None]) * H * V + h * V + offs_v[None, :], num, mask=mt[:, None] & mv[None, :]
+    )
+    tl.store(DEN + pid_bh * T + offs_t, den, mask=offs_t < tl.where(pid_v == 0, T, 0))
+
+
+@triton.jit
+def _linear_bwd_states_kernel(
+    FQ, GNUM, GDEN, GSF, DHS, DZS, DS0,
+    T, H, NT,
+    F: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    # The reverse scan: DHS[i], DZS[i] = the gradient of the state AFTER chunk i (what chunk i's keys feed),
+    # starting from GSF (the final state's gradient, [B, H, F, V+1]); chunk i's queries add fq_iᵀ gnum_i to it
+    # on the way down, and what is left at the start is the initial state's gradient DS0. Tiled as the forward
+    # scan; GNUM: [B, T, H, V], GDEN: [B, H, T].
+    pid_f = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_f = pid_f * BF + tl.arange(0, BF)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    mf = offs_f < F
+    mv = offs_v < V
+    mfv = mf[:, None] & mv[None, :]
+    mz = offs_f < tl.where(pid_v == 0, F, 0)  # z is stored by the first V tile only
+    s_ptrs = (pid_bh * F + offs_f[:, None]) * (V + 1) + offs_v[None, :]
+    z_ptrs = (pid_bh * F + offs_f) * (V + 1) + V
+    dh = tl.load(GSF + s_ptrs, mask=mfv, other=0.0)
+    dz = tl.load(GSF + z_ptrs, mask=mf, other=0.0)
+    for i in range(NT - 1, -1, -1):
+        tl.store(DHS + ((pid_bh * NT + i) * F + offs_f[:, None]) * V + offs_v[None, :], dh, mask=mfv)
+        tl.store(DZS + (pid_bh * NT + i) * F + offs_f, dz, mask=mz)
+        offs_t = i * BT + tl.arange(0, BT)
+        mt = offs_t < T
+        fq = tl.load(
+            FQ + (b * T + offs_t[:, None]) * H * F + h * F + offs_f[None, :],
+            mask=mt[:, None] & mf[None, :],
+            other=0.0,
+        )
+        gnum = tl.load(
+            GNUM + (b * T + offs_t[:, None]) * H * V + h * V + offs_v[None, :],
+            mask=mt[:, None] & mv[None, :],
+            other=0.0,
+        )
+        gden = tl.load(GDEN + pid_bh * T + offs_t, mask=mt, other=0.0)
+        dh += tl.dot(tl.trans(fq), gnum, input_precision="ieee")
+        dz += tl.sum(fq * gden[:, None], 0)
+    tl.store(DS0 + s_ptrs, dh, mask=mfv)
+    tl.store(DS0 + z_ptrs, dz, mask=mz)
+
+
+@triton.jit
+def _linear_bwd_dv_kernel(
+    FQ, FK, GNUM, DHS, DV,
+    T, TE, H, NT,
+    F: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    # One program: chunk i x one V tile, F in tiles: dv = Aᵀ gnum + fk dh_i, with A = (fq fkᵀ) ⊙ [j ≤ t] and
+    # dh_i the gradient of the state after chunk i. DV: [B, TE, H, V], rows < T written.
+    i = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_t = i * BT + tl.arange(0, BT)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    mt = offs_t < T
+    mv = offs_v < V
+    dv = tl.zeros([BT, BV], dtype=tl.float32)
+    a = tl.zeros([BT, BT], dtype=tl.float32)
+    for f0 in range(0, F, BF):
+        offs_f = f0 + tl.arange(0, BF)
+        mf = offs_f < F
+        fq = tl.load(
+            FQ + (b * T + offs_t[:, None]) * H * F + h * F + offs_f[None, :],
+            mask=mt[:, None] & mf[None, :],
+            other=0.0,
+        )
+        fk = tl.load(
+            FK + (b * TE + offs_t[:, None]) * H * F + h * F + offs_f[None, :],
+            mask=mt[:, None] & mf[None, :],
+            other=0.0,
+        )
+        dhs = tl.load(
+            DHS + ((pid_bh * NT + i) * F + offs_f[:, None]) * V + offs_v[None, :],
+            mask=mf[:, None] & mv[None, :],
+            other=0.0,
+        )
+        a += tl.dot(fq, tl.trans(fk), input_precision="ieee")
+        dv += tl.dot(fk, dhs, input_precision="ieee")
+    a = tl.where(offs_t[None, :] <= offs_t[:, None], a, 0.0)
+    gnum = tl.load(
+        GNUM + (b * T + offs_t[:, None]) * H * V + h * V + offs_v[None, :],
+        mask=mt[:, None] & mv[None, :],
+        other=0.0,
+    )
+    dv += tl.dot(tl.trans(a), gnum, input_precision="ieee")
+    tl.store(
+        DV + (b * TE + offs_t[:, None]) * H * V + h * V + offs_v[None, :], dv, mask=mt[:, None] & mv[None, :]
+    )
+
+
+@triton.jit
+def _linear_bwd_dqk_kernel(
+    FQ, FK, Vv, HS, ZS, DHS, DZS, GNUM, GDEN, DFQ, DFK,
+    T, TE, H, NT,
+    F: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    # One program: chunk i x one F tile, V in tiles. With dA = (gnum vᵀ + gden) ⊙ [j ≤ t]:
+    # dfq = gnum h_iᵀ + gden z_iᵀ + dA fk,  dfk = dAᵀ fq + v dh_iᵀ + dz_i  ((dh_i, dz_i): the gradient of the
+    # state after chunk i). DFQ: [B, T, H, F]; DFK: [B, TE, H, F], rows < T written.
+    i = tl.program_id(0)
+    pid_f = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_t = i * BT + tl.arange(0, BT)
+    offs_f = pid_f * BF + tl.arange(0, BF)
+    mt = offs_t < T
+    mf = offs_f < F
+    da = tl.zeros([BT, BT], dtype=tl.float32)
+    dfq = tl.zeros([BT, BF], dtype=tl.float32)
+    dfk = tl.zeros([BT, BF], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        offs_v = v0 + tl.arange(0, BV)
+        mv = offs_v < V
+        v = tl.load(
+            Vv + (b * TE + offs_t[:, None]) * H * V + h * V + offs_v[None, :],
+            mask=mt[:, None] & mv[None, :],
+            other=0.0,
+        )
+        gnum = tl.load(
+            GNUM + (b * T + offs_t[:, None]) * H * V + h * V + offs_v[None, :],
+            mask=mt[:, None] & mv[None, :],
+            other=0.0,
+        )
+        hs = tl.load(
+            HS + ((pid_bh * NT + i) * F + offs_f[:, None]) * V + offs_v[None, :],
+            mask=mf[:, None] & mv[None, :],
+            other=0.0,
+        )
+        dhs = tl.load(
+            DHS + ((pid_bh * NT + i) * F + offs_f[:, None]) * V + offs_v[None, :],
+            mask=mf[:, None] & mv[None, :],
+            other=0.0,
+        )
+        da += tl.dot(gnum, tl.trans(v), input_precision="ieee")
+        dfq += tl.dot(gnum, tl.trans(hs), input_precision="ieee")
+        dfk += tl.dot(v, tl.trans(dhs), input_precision="ieee")
+    gden = tl.load(GDEN + pid_bh * T + offs_t, mask=mt, other=0.0)
+    z = tl.load(ZS + (pid_bh * NT + i) * F + offs_f, mask=mf, other=0.0)
+    dz = tl.load(DZS + (pid_bh * NT + i) * F + offs_f, mask=mf, other=0.0)
+    mtf = mt[:, None] & mf[None, :]
+    fq = tl.load(FQ + (b * T + offs_t[:, None]) * H * F + h * F + offs_f[None, :], mask=mtf, other=0.0)
+    fk = tl.load(FK + (b * TE + offs_t[:, None]) * H * F + h * F + offs_f[None, :], mask=mtf, other=0.0)
+    da = tl.where(offs_t[None, :] <= offs_t[:, None], da + gden[:, None], 0.0)
+    dfq += tl.dot(da, fk, input_precision="ieee") + gden[:, None] * z[None, :]
+    dfk += tl.dot(tl.trans(da), fq, input_precision="ieee") + dz[None, :]
+    tl.store(DFQ + (b * T + offs_t[:, None]) * H * F + h * F + offs_f[None, :], dfq, mask=mtf)
+    tl.store(DFK + (b * TE + offs_t[:, None]) * H * F + h * F + offs_f[None, :], dfk, mask=mtf)
+
+
 def _blocks(D: int, V: int) -> dict:
-    """Fixed launch parameters (the interpreter cannot autotune). 16 is the smallest tl.dot tile; the
-    interpreter runs fastest with few, mid-sized blocks."""
+    """Fixed launch parameters of the window kernels (the interpreter cannot autotune). 16 is the smallest
+    tl.dot tile; the interpreter runs fastest with few, mid-sized blocks."""
     block = 32 if INTERPRET else 64
     return dict(
         BD=max(16, triton.next_power_of_2(D)),
         BV=max(16, triton.next_power_of_2(V)),
         BM=block,
         BN=block,
+        num_warps=1 if INTERPRET else 4,
+    )
+
+
+def _linear_blocks(F: int, V: int) -> dict:
+    """Fixed launch parameters of the linear kernels: chunks of BT tokens, F and V in tiles of at most BF, BV
+    (so registers stay bounded for any F, V). Tiles are 32 wide under the interpreter so that small test
+    shapes still cross tile edges."""
+    tile = 32 if INTERPRET else 64
+    return dict(
+        BT=32 if INTERPRET else 64,
+        BF=max(16, min(tile, triton.next_power_of_2(F))),
+        BV=max(16, min(tile, triton.next_power_of_2(V))),
         num_warps=1 if INTERPRET else 4,
     )
 
@@ -290,6 +557,71 @@ class _WindowPart(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+class _LinearPart(torch.autograd.Function):
+    """(fq, fk_ext, v_ext, s0) -> (num [B, T, H, V], den [B, H, T], final state [B, H, F, V+1]): causal linear
+    attention between fq and the first T extended keys, num_t = fq_t (h0 + Σ_{j≤t} fk_j v_jᵀ) and
+    den_t = fq_t·(z0 + Σ_{j≤t} fk_j), where s0 = [h0, z0]. fq: [B, T, H, F]; fk_ext: [B, W+T, H, F] (zero on
+    never-filled slots, so the ones column of v_aug is implicit); v_ext: [B, W+T, H, V]. All float32 and
+    contiguous. Only the inputs are saved: backward recomputes the per-chunk states."""
+
+    @staticmethod
+    def _states(fk_ext, v_ext, s0, T, cfg):
+        """The state before each chunk, hs [B, H, NT, F, V] and zs [B, H, NT, F], and the final state."""
+        B, H, F, V1 = s0.shape
+        NT = triton.cdiv(T, cfg["BT"])
+        nan = dict(dtype=torch.float32, device=s0.device)
+        hs = torch.full((B, H, NT, F, V1 - 1), float("nan"), **nan)
+        zs = torch.full((B, H, NT, F), float("nan"), **nan)
+        sf = torch.full_like(s0, float("nan"))
+        grid = (triton.cdiv(F, cfg["BF"]), triton.cdiv(V1 - 1, cfg["BV"]), B * H)
+        _linear_states_kernel[grid](
+            fk_ext, v_ext, s0, hs, zs, sf, T, v_ext.shape[1], H, NT, F=F, V=V1 - 1, **cfg
+        )
+        return hs, zs, sf
+
+    @staticmethod
+    def forward(ctx, fq, fk_ext, v_ext, s0):
+        B, T, H, F = fq.shape
+        TE, V = v_ext.shape[1], v_ext.shape[-1]
+        cfg = _linear_blocks(F, V)
+        hs, zs, sf = _LinearPart._states(fk_ext, v_ext, s0, T, cfg)
+        num = torch.full((B, T, H, V), float("nan"), dtype=torch.float32, device=fq.device)
+        den = torch.full((B, H, T), float("nan"), dtype=torch.float32, device=fq.device)
+        NT = hs.shape[2]
+        if T > 0:
+            grid = (NT, triton.cdiv(V, cfg["BV"]), B * H)
+            _linear_fwd_kernel[grid](fq, fk_ext, v_ext, hs, zs, num, den, T, TE, H, NT, F=F, V=V, **cfg)
+        ctx.save_for_backward(fq, fk_ext, v_ext, s0)
+        return num, den, sf
+
+    @staticmethod
+    def backward(ctx, gnum, gden, gsf):
+        fq, fk_ext, v_ext, s0 = ctx.saved_tensors
+        B, T, H, F = fq.shape
+        TE, V = v_ext.shape[1], v_ext.shape[-1]
+        cfg = _linear_blocks(F, V)
+        meta = dict(F=F, V=V, **cfg)
+        hs, zs, _ = _LinearPart._states(fk_ext, v_ext, s0, T, cfg)
+        NT = hs.shape[2]
+        gnum, gden, gsf = (g.float().contiguous() for g in (gnum, gden, gsf))
+        dhs, dzs = torch.full_like(hs, float("nan")), torch.full_like(zs, float("nan"))
+        ds0 = torch.full_like(gsf, float("nan"))
+        grid = (triton.cdiv(F, cfg["BF"]), triton.cdiv(V, cfg["BV"]), B * H)
+        _linear_bwd_states_kernel[grid](fq, gnum, gden, gsf, dhs, dzs, ds0, T, H, NT, **meta)
+        dfq = torch.full_like(fq, float("nan"))
+        dfk, dv = torch.full_like(fk_ext, float("nan")), torch.full_like(v_ext, float("nan"))
+        if T > 0:
+            grid = (NT, triton.cdiv(V, cfg["BV"]), B * H)
+            _linear_bwd_dv_kernel[grid](fq, fk_ext, gnum, dhs, dv, T, TE, H, NT, **meta)
+            grid = (NT, triton.cdiv(F, cfg["BF"]), B * H)
+            args = (fq, fk_ext, v_ext, hs, zs, dhs, dzs, gnum, gden, dfq, dfk)
+            _linear_bwd_dqk_kernel[grid](*args, T, TE, H, NT, **meta)
+        # The last W extended keys are newer than every query's old keys: no linear-part gradient.
+        dfk[:, T:] = 0
+        dv[:, T:] = 0
+        return dfq, dfk, dv, ds0
+
+
 def window_linear_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -304,38 +636,37 @@ def window_linear_triton(
     initial_state: WindowLinearState | None = None,
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, WindowLinearState | None]:
-    """Same contract as window_linear_chunked (arguments already checked by `window_linear`). The math is
-    float32 for every input dtype, float64 included."""
+    """Same contract as window_linear_chunked (arguments already checked by `window_linear`). The kernels'
+    math is float32 for every input dtype: float64 inputs are computed in float32 (their final linear_state
+    is returned as float64, as the state's contract says, but carries float32 precision)."""
     B, T, H, D = q.shape
     V = v.shape[-1]
     dtype = torch.float32
     scale = D**-0.5 if scale is None else scale
     state = empty_window_linear_state(q, v, fq, window) if initial_state is None else initial_state
     k_ext, fk_ext, v_aug_ext, _ = extend_with_window(state, k, fk, v, dtype)
-    lo = (window - state.seen.clamp(max=window)).to(torch.int32).contiguous()
+    v_ext = v_aug_ext[..., :V].contiguous()
+    fk_ext = fk_ext.contiguous()
+    s0 = state.linear_state.to(dtype).contiguous()
+    num_lin, den_lin, S = _LinearPart.apply(fq.to(dtype).contiguous(), fk_ext, v_ext, s0)
     if T == 0:
-        win = q.new_zeros(B, 0, H, V + 1, dtype=dtype)
+        o = v.new_zeros(B, 0, H, V)
     else:
-        num, den = _WindowPart.apply(
-            (q.to(dtype)).contiguous(),
-            k_ext.contiguous(),
-            v_aug_ext[..., :V].contiguous(),
-            lo,
-            window,
-            float(scale),
+        lo = (window - state.seen.clamp(max=window)).to(torch.int32).contiguous()
+        num_win, den_win = _WindowPart.apply(
+            q.to(dtype).contiguous(), k_ext.contiguous(), v_ext, lo, window, float(scale)
         )
-        win = torch.cat([num, den.permute(0, 2, 1)[..., None]], dim=-1)
-    lin, S = linear_part_chunked(
-        fq.to(dtype), fk_ext[:, :T], v_aug_ext[:, :T], state.linear_state.to(dtype), chunk_size=64
-    )
-    o = combine_parts(win, lin, window_factor, eps).to(v.dtype)
+        w = window_factor.to(dtype)[:, None]  # [H, 1]: broadcasts over [.., H, V] and [.., H, T]
+        num = w * num_win + (1 - w) * num_lin
+        den = (w * den_win + (1 - w) * den_lin).permute(0, 2, 1)[..., None]  # [B, T, H, 1]
+        o = (num / (den + eps)).to(v.dtype)
     if not output_final_state:
         return o, None
     final = WindowLinearState(
-        linear_state=S,
+        linear_state=S.to(torch.promote_types(q.dtype, dtype)),
         k_window=k_ext[:, T:].to(k.dtype),
         fk_window=fk_ext[:, T:].to(fk.dtype),
-        v_window=v_aug_ext[:, T:, :, :-1].to(v.dtype),
+        v_window=v_ext[:, T:].to(v.dtype),
         seen=state.seen + T,
     )
     return o, final
