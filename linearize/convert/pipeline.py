@@ -145,7 +145,9 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
     if logits_cfg.cache_k and logits_cfg.steps and only != "attention" and not logits_done:
         cache = teacher_logit_cache(teacher, splits.train, recipe, run_dir, accelerator)
     needs_copy = logits_cfg.trainable == "attention" and cache is None and only != "attention"
-    frozen = copy.deepcopy(teacher).eval() if needs_copy and not logits_done else None
+    frozen = None
+    if needs_copy and not logits_done:  # prepared now: under ZeRO-3 or FSDP2 it is sharded from here on
+        frozen = prepare_frozen_teacher(accelerator, copy.deepcopy(teacher), logits_cfg.batch_size)
     torch.manual_seed(recipe.seed)  # new parameters' init
     student = swap(teacher, plan)  # in place: from here on the teacher is "the student in teacher mode"
     if splits.heldout:
@@ -233,6 +235,52 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
             run_eval_tasks(recipe, out, accelerator.device, accelerator.print)
     accelerator.print(f"exported to {out}")
     return out
+
+
+def prepare_frozen_teacher(accelerator, teacher: torch.nn.Module, batch_size: int) -> torch.nn.Module:
+    """The untouched teacher copy of stage logits with trainable=attention, frozen and placed as the
+    student will be: under DeepSpeed see `deepspeed_frozen_teacher`; under FSDP2 sharded with the
+    student's FSDP plugin (as trl's `prepare_fsdp` does); under DDP or one process, whole on this device."""
+    teacher.requires_grad_(False).eval()  # before sharding: FSDP2 upcasts only trainable parameters
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        return deepspeed_frozen_teacher(
+            teacher, plugin.deepspeed_config, batch_size, accelerator.num_processes
+        )
+    if accelerator.is_fsdp2:
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        return fsdp2_prepare_model(accelerator, teacher).eval()
+    return teacher.to(accelerator.device)
+
+
+def deepspeed_frozen_teacher(teacher, student_config: dict, batch_size: int, processes: int):
+    """Under ZeRO-3, `teacher` in an inference engine of its own, sharded over the processes like the
+    student: the student's DeepSpeed config without optimizer and scheduler (trl's `prepare_deepspeed`).
+    ZeRO-0/1/2 do not shard weights: `teacher` itself."""
+    if student_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        return teacher
+    import deepspeed
+
+    config = {k: v for k, v in copy.deepcopy(student_config).items() if k not in ("optimizer", "scheduler")}
+    # The student's prepare() fills accelerate's "auto" values later, if at all: the teacher's are set here.
+    config.update(
+        train_micro_batch_size_per_gpu=batch_size,
+        gradient_accumulation_steps=1,
+        train_batch_size=batch_size * processes,
+    )
+    config.pop("gradient_clipping", None)
+    hidden = teacher.config.hidden_size
+    auto = {
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_param_persistence_threshold": 10 * hidden,
+    }
+    zero = config["zero_optimization"]
+    zero.update({k: v for k, v in auto.items() if zero.get(k) == "auto"})
+    engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    engine.eval()  # DeepSpeedEngine.eval() returns None
+    return engine
 
 
 def teacher_logit_cache(teacher, blocks, recipe: Recipe, run_dir: Path, accelerator) -> LogitCache:

@@ -148,8 +148,20 @@ def train_stage(
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, cfg.warmup_steps, max(cfg.steps, 1), min_lr_rate=cfg.min_lr_ratio
     )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     per_process = cfg.batch_size
+    module = model
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        # DeepSpeed takes its batch size from a dataloader, which we do not prepare, and this stage's
+        # values replace the last stage's. The loop accumulates itself (see sync_gradients below), and the
+        # recipe's clipping rules, as without DeepSpeed.
+        plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=per_process,
+            gradient_accumulation_steps=1,
+            train_batch_size=per_process * accelerator.num_processes,
+            gradient_clipping=cfg.max_grad_norm,
+        )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     rank = accelerator.process_index
     if source is None:  # in-memory blocks: batches are a pure function of (seed, step)
         source = IndexedBlocks(blocks, recipe.seed, per_process, rank, accelerator.num_processes)
@@ -187,8 +199,10 @@ def train_stage(
         skip = ""  # why this step is skipped (a non-finite loss the recipe allows to skip), else ""
         for micro in range(cfg.grad_accum):
             batch = source.batch(step * cfg.grad_accum + micro).to(accelerator.device)
-            sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext()
-            with sync:
+            last = micro == cfg.grad_accum - 1
+            # under DeepSpeed, accelerator.backward() steps the engine when sync_gradients is set
+            accelerator.sync_gradients = last
+            with nullcontext() if last else accelerator.no_sync(model):
                 with accelerator.autocast():
                     loss = loss_fn(model, batch)
                 # every rank learns whether any rank's loss is bad, so all stop together (no rank hangs)
@@ -208,6 +222,7 @@ def train_stage(
                     break
                 accelerator.backward(loss / cfg.grad_accum)
             step_loss += loss.detach() / cfg.grad_accum
+        accelerator.sync_gradients = True  # also after a skipped step: zero_grad() clears only when set
         fault(step + 1, "mid")
         if skip:  # every rank saw the same all-reduced verdict: no rank steps, none waits
             skipped += 1
@@ -241,7 +256,27 @@ def train_stage(
         fault(done, "after")
     bar.close()
     accelerator.free_memory()
+    unpartition(module)
     return StageResult(cfg.steps, cfg.steps * tokens_per_step, last_loss, time.perf_counter() - began)
+
+
+def unpartition(model: torch.nn.Module) -> None:
+    """Put whole, plain parameters in place of those a ZeRO-3 engine left partitioned (every process
+    holding a slice; its engine is gone after `accelerator.free_memory()`), as the model was before
+    `prepare()`: evaluation, saving and export read whole weights, and the next stage's engine partitions
+    them afresh. Each module's parameters are gathered in turn, on every process; tied ones stay tied."""
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        return
+    import deepspeed
+
+    plain: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        mine = [p for p in module.parameters(recurse=False) if hasattr(p, "ds_id") and id(p) not in plain]
+        with deepspeed.zero.GatheredParameters(mine):
+            plain |= {id(p): torch.nn.Parameter(p.data.clone(), requires_grad=p.requires_grad) for p in mine}
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in plain:
+                setattr(module, name, plain[id(p)])
 
 
 def _save(accelerator, root: Path, info: dict, recipe: Recipe, source, fault=lambda: None) -> None:

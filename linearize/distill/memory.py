@@ -91,6 +91,9 @@ class Sharding:
     """Parameters kept in CPU memory between uses (DeepSpeed offload_param_device, FSDP offload_params)."""
     gradient_buckets: bool = False
     """DDP: gradients are copied into all-reduce buckets, a second gradient-sized buffer."""
+    frozen_teacher: bool = False
+    """The frozen teacher copy of stage logits is sharded like the weights (ZeRO-3, FSDP2; see
+    `linearize.convert.pipeline.prepare_frozen_teacher`); elsewhere every process holds it whole."""
 
     @classmethod
     def from_accelerate_config(cls, config: str | Path | dict | None) -> Sharding:
@@ -174,6 +177,7 @@ class Sharding:
         return cls(
             name=name + (" + offload" if offload else ""),
             weights=full,
+            frozen_teacher=full and version >= 2,
             gradients=True,
             optimizer=True,
             offload_optimizer=offload,
@@ -185,6 +189,7 @@ class Sharding:
         return cls(
             name=f"ZeRO-{stage}" + (" + offload" if offload_optimizer or offload_params else ""),
             weights=stage >= 3,
+            frozen_teacher=stage >= 3,
             gradients=stage >= 2,
             optimizer=stage >= 1,
             offload_optimizer=offload_optimizer,
@@ -236,8 +241,8 @@ class MemoryEstimate:
     stored in 16 bits (FSDP upcasts it, DeepSpeed keeps one); plain AdamW on 16-bit parameters keeps 16-bit
     moments, so this is an upper bound there."""
     frozen_teacher: int
-    """Stage logits with trainable=attention and no logit cache: a whole frozen teacher copy on every
-    device (the pipeline does not shard it)."""
+    """Stage logits with trainable=attention and no logit cache: the frozen teacher copy, sharded under
+    ZeRO-3 and FSDP2 (offloaded with the weights), else whole on every device."""
     activations: int
     """batch * seq_len * bytes * (sum over layers of the layer's per-token count + WORKSPACE_HIDDEN * hidden
     + WORKSPACE_INTERMEDIATE * intermediate); a layer's count is
@@ -415,7 +420,7 @@ def estimate(
     tokens_per_micro = cfg.batch_size * recipe.data.seq_len
     frozen = 0
     if stage == "logits" and cfg.trainable == "attention" and not cfg.cache_k:
-        frozen = counts.teacher_bytes
+        frozen = shard(counts.teacher_bytes, sharding.frozen_teacher, sharding.offload_params)
     return MemoryEstimate(
         stage=stage,
         weights=shard(counts.weight_bytes, sharding.weights, sharding.offload_params),

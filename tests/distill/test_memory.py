@@ -98,14 +98,13 @@ def test_sharding_divides_what_it_should():
         assert sharded.weights == -(-one.weights // 8) and sharded.gathered > 0
     for sharded in (zero2, zero3, fsdp2):
         assert sharded.gradients == -(-one.gradients // 8) and sharded.optimizer == -(-one.optimizer // 8)
-    # per-device activations, logits and the frozen teacher copy do not shrink with more processes
+    # per-device activations and logits do not shrink with more processes
     for e in (ddp, zero2, zero3, fsdp2):
-        assert (e.activations, e.logits, e.frozen_teacher) == (
-            one.activations,
-            one.logits,
-            one.frozen_teacher,
-        )
+        assert (e.activations, e.logits) == (one.activations, one.logits)
+    # the frozen teacher copy is sharded where the weights are (its own ZeRO-3 engine, FSDP2), else whole
     assert one.frozen_teacher == count_parameters(config, recipe, "logits").teacher_bytes
+    assert ddp.frozen_teacher == zero2.frozen_teacher == one.frozen_teacher
+    assert zero3.frozen_teacher == fsdp2.frozen_teacher == -(-one.frozen_teacher // 8)
     assert one.total > zero2.total > fsdp2.total
     # tokens count every process
     assert fsdp2.tokens == 8 * one.tokens == 8 * 2000 * 4 * 2 * 1024
@@ -125,6 +124,8 @@ def test_sharding_is_read_from_accelerate_configs(tmp_path):
     assert Sharding.from_accelerate_config(None).name == "single process"
     v1 = {"distributed_type": "FSDP", "fsdp_config": {"fsdp_sharding_strategy": "SHARD_GRAD_OP"}}
     assert not Sharding.from_accelerate_config(v1).weights and Sharding.from_accelerate_config(v1).optimizer
+    v1_full = Sharding.from_accelerate_config({"distributed_type": "FSDP", "fsdp_config": {}})
+    assert v1_full.weights and not v1_full.frozen_teacher  # the frozen teacher is sharded under FSDP2 only
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}))
     s = Sharding.from_accelerate_config(
