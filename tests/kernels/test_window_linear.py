@@ -406,15 +406,15 @@ def triton_form(*args, **kw):
     ],
 )
 def test_triton_matches_reference(interpreted_triton, T, W, with_state):
-    """Interpreted blocks are 32 tokens: T = 100 and 257 carry the linear state across 4 and 9 chunks."""
+    """Linear chunks are 64 tokens: T = 100 and 257 carry the linear state across 2 and 5 chunks."""
     check_against_reference(triton_form, T, W, with_state, scale=None if W != 64 else 0.3)
 
 
 @needs_interpreter
 def test_triton_odd_sizes_and_several_tiles(interpreted_triton):
-    """D, F, V not powers of two (masked tiles); F = 72 and V = 40 span three and two of the interpreter's
-    32-wide tiles (of the state scans, the F and V loops, the F- and V-tiled grids); five chunks, an initial
-    state, W not dividing anything."""
+    """D, F, V not powers of two (masked tiles); F = 72 and V = 40 span three and two 32-wide tiles (of the
+    state scans, the F and V loops, the F- and V-tiled grids); three chunks, an initial state, W dividing
+    nothing."""
     check_against_reference(triton_form, 130, 7, True, D=24, F=72, V=40)
 
 
@@ -469,3 +469,46 @@ def test_triton_fills_every_output(interpreted_triton):
     assert all(torch.isfinite(x).all() for x in (num, den, S))
     (num.sum() + den.sum() + S.sum()).backward()
     assert torch.isfinite(fk_ext.grad).all() and torch.isfinite(s0.grad).all()
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_without_spilling():
+    """What the interpreter cannot check: every kernel, with its GPU launch parameters at D = F = V = 128,
+    compiles for sm_90 (no GPU needed: triton's bundled ptxas), fits in shared memory and spills at most a few
+    hundred bytes per thread (64x64 fp32 tiles at 4 warps spilled ~10 KB)."""
+    if INTERPRETING:
+        pytest.skip("needs the compiled (not interpreted) kernels")
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from linearize.kernels.window_linear import triton as mod
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        pytest.skip("triton's CUDA backend tools are not installed")
+    (window, window_kv), (chunk, scan) = mod._blocks(128, 128), mod._linear_blocks(128, 128)
+    configs = {"_window_bwd_dkv_kernel": window_kv, "_linear_states_kernel": scan}
+    configs["_linear_bwd_states_kernel"] = scan
+    types = {"LO": "*i32", "ARG": "*i32", "T": "i32", "TE": "i32", "H": "i32", "W": "i32", "NT": "i32"}
+    for name in [n for n in dir(mod) if n.endswith("_kernel")]:
+        kernel = getattr(mod, name)
+        cfg = dict(configs.get(name, window if name.startswith("_window") else chunk))
+        opts = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
+        consts = {"D": 128, "F": 128, "V": 128, **cfg}
+        consts = {p.name: consts[p.name] for p in kernel.params if p.is_constexpr}
+        sig = {p.name: "constexpr" if p.is_constexpr else types.get(p.name, "*fp32") for p in kernel.params}
+        sig["scale"] = "fp32"
+        sig = {p.name: sig[p.name] for p in kernel.params}
+        src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+        cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"{name}_{os.getpid()}.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True).stdout
+        cubin.unlink()
+        stack = int(usage.split("STACK:")[1].split()[0])
+        assert stack <= 512 and compiled.metadata.shared <= 227 * 1024, (
+            name,
+            usage,
+            compiled.metadata.shared,
+        )

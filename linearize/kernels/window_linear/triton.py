@@ -491,30 +491,35 @@ def _linear_bwd_dqk_kernel(
     tl.store(DFK + (b * TE + offs_t[:, None]) * H * F + h * F + offs_f[None, :], dfk, mask=mtf)
 
 
-def _blocks(D: int, V: int) -> dict:
-    """Fixed launch parameters of the window kernels (the interpreter cannot autotune). 16 is the smallest
-    tl.dot tile; the interpreter runs fastest with few, mid-sized blocks."""
-    block = 32 if INTERPRET else 64
-    return dict(
-        BD=max(16, triton.next_power_of_2(D)),
-        BV=max(16, triton.next_power_of_2(V)),
-        BM=block,
-        BN=block,
-        num_warps=1 if INTERPRET else 4,
-    )
+# Launch parameters are fixed: the interpreter cannot autotune, and there is no GPU to tune on yet. They are
+# the ones that ptxas compiles for sm_90 with (almost) no register spilling at D = F = V = 128 (fp32 "ieee"
+# dots run on FMA units, and a 64-deep one holds whole operand rows per thread: 64x64 tiles at 4 warps
+# spilled ~10 KB per thread). The interpreter runs the same blocks with one warp, so the tests cover the
+# shipped tiling (BM != BN in the window forward, 32-wide F and V tiles).
 
 
-def _linear_blocks(F: int, V: int) -> dict:
-    """Fixed launch parameters of the linear kernels: chunks of BT tokens, F and V in tiles of at most BF, BV
-    (so registers stay bounded for any F, V). Tiles are 32 wide under the interpreter so that small test
-    shapes still cross tile edges."""
-    tile = 32 if INTERPRET else 64
-    return dict(
-        BT=32 if INTERPRET else 64,
-        BF=max(16, min(tile, triton.next_power_of_2(F))),
-        BV=max(16, min(tile, triton.next_power_of_2(V))),
-        num_warps=1 if INTERPRET else 4,
+def _warps(n: int) -> int:
+    return 1 if INTERPRET else n
+
+
+def _blocks(D: int, V: int) -> tuple[dict, dict]:
+    """The window kernels' (forward and dq, dkv) launch parameters; D and V are held whole (BD, BV)."""
+    whole = dict(BD=max(16, triton.next_power_of_2(D)), BV=max(16, triton.next_power_of_2(V)))
+    kv = dict(BM=32, BN=32, num_warps=_warps(8), **whole)
+    if not INTERPRET:
+        kv["num_stages"] = 1
+    return dict(BM=64, BN=32, num_warps=_warps(8), **whole), kv
+
+
+def _linear_blocks(F: int, V: int) -> tuple[dict, dict]:
+    """The linear kernels' (chunk kernels, state scans) launch parameters: chunks of BT tokens, F and V in
+    tiles of at most 32 (registers stay bounded for any F, V)."""
+    tiles = dict(
+        BT=64,
+        BF=max(16, min(32, triton.next_power_of_2(F))),
+        BV=max(16, min(32, triton.next_power_of_2(V))),
     )
+    return dict(num_warps=_warps(8), **tiles), dict(num_warps=_warps(4), **tiles)
 
 
 class _WindowPart(torch.autograd.Function):
@@ -526,7 +531,7 @@ class _WindowPart(torch.autograd.Function):
     def forward(ctx, q, k_ext, v_ext, lo, window: int, scale: float):
         B, T, H, D = q.shape
         V = v_ext.shape[-1]
-        cfg = _blocks(D, V)
+        cfg, _ = _blocks(D, V)
         # Outputs are fully written by the kernel: NaN-filled so that a missed element cannot hide.
         num = torch.full((B, T, H, V), float("nan"), dtype=torch.float32, device=q.device)
         den, m = (torch.full((B, H, T), float("nan"), dtype=torch.float32, device=q.device) for _ in range(2))
@@ -543,7 +548,7 @@ class _WindowPart(torch.autograd.Function):
         B, T, H, D = q.shape
         V = v_ext.shape[-1]
         TE = k_ext.shape[1]
-        cfg = _blocks(D, V)
+        cfg, cfg_kv = _blocks(D, V)
         gnum = gnum.float().contiguous()
         gden = gden.float().contiguous()
         dlt = ((gnum * num).sum(-1).permute(0, 2, 1) + gden * den).contiguous()  # [B, H, T]
@@ -553,7 +558,8 @@ class _WindowPart(torch.autograd.Function):
         args = (q, k_ext, v_ext, lo, gnum, gden, m, arg, dlt)
         meta = (T, H, ctx.window, ctx.scale)
         _window_bwd_dq_kernel[(triton.cdiv(T, cfg["BM"]), B * H)](*args, dq, *meta, D=D, V=V, **cfg)
-        _window_bwd_dkv_kernel[(triton.cdiv(TE, cfg["BN"]), B * H)](*args, dk, dv, *meta, D=D, V=V, **cfg)
+        grid = (triton.cdiv(TE, cfg_kv["BN"]), B * H)
+        _window_bwd_dkv_kernel[grid](*args, dk, dv, *meta, D=D, V=V, **cfg_kv)
         return dq, dk, dv, None, None, None
 
 
@@ -565,32 +571,31 @@ class _LinearPart(torch.autograd.Function):
     contiguous. Only the inputs are saved: backward recomputes the per-chunk states."""
 
     @staticmethod
-    def _states(fk_ext, v_ext, s0, T, cfg):
+    def _states(fk_ext, v_ext, s0, T, scan):
         """The state before each chunk, hs [B, H, NT, F, V] and zs [B, H, NT, F], and the final state."""
         B, H, F, V1 = s0.shape
-        NT = triton.cdiv(T, cfg["BT"])
+        NT = triton.cdiv(T, scan["BT"])
         nan = dict(dtype=torch.float32, device=s0.device)
         hs = torch.full((B, H, NT, F, V1 - 1), float("nan"), **nan)
         zs = torch.full((B, H, NT, F), float("nan"), **nan)
         sf = torch.full_like(s0, float("nan"))
-        grid = (triton.cdiv(F, cfg["BF"]), triton.cdiv(V1 - 1, cfg["BV"]), B * H)
-        _linear_states_kernel[grid](
-            fk_ext, v_ext, s0, hs, zs, sf, T, v_ext.shape[1], H, NT, F=F, V=V1 - 1, **cfg
-        )
+        grid = (triton.cdiv(F, scan["BF"]), triton.cdiv(V1 - 1, scan["BV"]), B * H)
+        args = (fk_ext, v_ext, s0, hs, zs, sf, T, v_ext.shape[1], H, NT)
+        _linear_states_kernel[grid](*args, F=F, V=V1 - 1, **scan)
         return hs, zs, sf
 
     @staticmethod
     def forward(ctx, fq, fk_ext, v_ext, s0):
         B, T, H, F = fq.shape
         TE, V = v_ext.shape[1], v_ext.shape[-1]
-        cfg = _linear_blocks(F, V)
-        hs, zs, sf = _LinearPart._states(fk_ext, v_ext, s0, T, cfg)
+        chunk, scan = _linear_blocks(F, V)
+        hs, zs, sf = _LinearPart._states(fk_ext, v_ext, s0, T, scan)
         num = torch.full((B, T, H, V), float("nan"), dtype=torch.float32, device=fq.device)
         den = torch.full((B, H, T), float("nan"), dtype=torch.float32, device=fq.device)
         NT = hs.shape[2]
         if T > 0:
-            grid = (NT, triton.cdiv(V, cfg["BV"]), B * H)
-            _linear_fwd_kernel[grid](fq, fk_ext, v_ext, hs, zs, num, den, T, TE, H, NT, F=F, V=V, **cfg)
+            grid = (NT, triton.cdiv(V, chunk["BV"]), B * H)
+            _linear_fwd_kernel[grid](fq, fk_ext, v_ext, hs, zs, num, den, T, TE, H, NT, F=F, V=V, **chunk)
         ctx.save_for_backward(fq, fk_ext, v_ext, s0)
         return num, den, sf
 
@@ -599,23 +604,22 @@ class _LinearPart(torch.autograd.Function):
         fq, fk_ext, v_ext, s0 = ctx.saved_tensors
         B, T, H, F = fq.shape
         TE, V = v_ext.shape[1], v_ext.shape[-1]
-        cfg = _linear_blocks(F, V)
-        meta = dict(F=F, V=V, **cfg)
-        hs, zs, _ = _LinearPart._states(fk_ext, v_ext, s0, T, cfg)
+        chunk, scan = _linear_blocks(F, V)
+        hs, zs, _ = _LinearPart._states(fk_ext, v_ext, s0, T, scan)
         NT = hs.shape[2]
         gnum, gden, gsf = (g.float().contiguous() for g in (gnum, gden, gsf))
         dhs, dzs = torch.full_like(hs, float("nan")), torch.full_like(zs, float("nan"))
         ds0 = torch.full_like(gsf, float("nan"))
-        grid = (triton.cdiv(F, cfg["BF"]), triton.cdiv(V, cfg["BV"]), B * H)
-        _linear_bwd_states_kernel[grid](fq, gnum, gden, gsf, dhs, dzs, ds0, T, H, NT, **meta)
+        grid = (triton.cdiv(F, scan["BF"]), triton.cdiv(V, scan["BV"]), B * H)
+        _linear_bwd_states_kernel[grid](fq, gnum, gden, gsf, dhs, dzs, ds0, T, H, NT, F=F, V=V, **scan)
         dfq = torch.full_like(fq, float("nan"))
         dfk, dv = torch.full_like(fk_ext, float("nan")), torch.full_like(v_ext, float("nan"))
         if T > 0:
-            grid = (NT, triton.cdiv(V, cfg["BV"]), B * H)
-            _linear_bwd_dv_kernel[grid](fq, fk_ext, gnum, dhs, dv, T, TE, H, NT, **meta)
-            grid = (NT, triton.cdiv(F, cfg["BF"]), B * H)
-            args = (fq, fk_ext, v_ext, hs, zs, dhs, dzs, gnum, gden, dfq, dfk)
-            _linear_bwd_dqk_kernel[grid](*args, T, TE, H, NT, **meta)
+            grid = (NT, triton.cdiv(V, chunk["BV"]), B * H)
+            _linear_bwd_dv_kernel[grid](fq, fk_ext, gnum, dhs, dv, T, TE, H, NT, F=F, V=V, **chunk)
+            grid = (NT, triton.cdiv(F, chunk["BF"]), B * H)
+            args = (fq, fk_ext, v_ext, hs, zs, dhs, dzs, gnum, gden, dfq, dfk, T, TE, H, NT)
+            _linear_bwd_dqk_kernel[grid](*args, F=F, V=V, **chunk)
         # The last W extended keys are newer than every query's old keys: no linear-part gradient.
         dfk[:, T:] = 0
         dv[:, T:] = 0
