@@ -60,6 +60,14 @@ class StudentConfig:
     """Mixer that replaces softmax attention in converted layers (see `linearize.architectures.MIXERS`)."""
     feature_map: str = "hedgehog"
     """Feature map of the linear mixer (see `linearize.architectures.FEATURE_MAPS`)."""
+    feature_dim: int | None = None
+    """Output size per head of the feature map's learned projection (`hedgehog`, `t2r`); None: the head
+    dim. Hedgehog gives 2 x feature_dim features. Wider maps match softmax attention better on small heads
+    (stage 1 on the 8-dim heads of the bundled teacher: 4x wider with a bias halves the alignment loss where
+    the plain map does not), and the decode state grows with them: feature_dim x (head_dim + 1) per head."""
+    feature_bias: bool = False
+    """`hedgehog`: a learned per-head bias inside the softmax, softmax(xW + b) (LoLCATs' feature-map MLP
+    option). `t2r` always has its bias; `elu` and `relu` have no projection to bias."""
     layers: str | list[int] = "all"
     """Layer plan: `all` converts every layer; a list of layer indices keeps those as the teacher's softmax
     attention; `every:K` keeps every K-th layer (K-1, 2K-1, ...); `auto:N` converts every layer for
@@ -92,6 +100,22 @@ class StudentConfig:
             raise RecipeError(f"student.eps must be > 0, got {self.eps}")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise RecipeError(f"student.window must be an integer >= 1, got {self.window!r}")
+        from linearize.architectures import LEARNED_FEATURE_MAPS
+
+        learned = self.feature_map in LEARNED_FEATURE_MAPS
+        if self.feature_dim is not None and (
+            isinstance(self.feature_dim, bool)
+            or not isinstance(self.feature_dim, int)
+            or self.feature_dim < 1
+        ):
+            raise RecipeError(
+                f"student.feature_dim must be an integer >= 1 or null, got {self.feature_dim!r}"
+            )
+        if not learned and (self.feature_dim is not None or self.feature_bias):
+            raise RecipeError(
+                f"student.feature_map={self.feature_map!r} has no learned projection, so student.feature_dim "
+                f"and student.feature_bias do not apply; use hedgehog or t2r, or drop them"
+            )
         if self.gated_window and self.mixer != "gated":
             raise RecipeError(
                 f"student.gated_window applies to the `gated` mixer only, not to {self.mixer!r}; "

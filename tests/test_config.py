@@ -227,3 +227,12 @@ def test_recipe_hash_changes_with_any_field():
 
 def test_field_docs_read_docstrings():
     assert "Hub id" in field_docs(Recipe.__dataclass_fields__["teacher"].default_factory().__class__)["path"]
+
+
+def test_feature_dim_and_bias_are_checked():
+    r = load_recipe("tiny", {"student.feature_dim": "32", "student.feature_bias": "true"})
+    assert (r.student.feature_dim, r.student.feature_bias) == (32, True)
+    with pytest.raises(RecipeError, match=r"student\.feature_dim must be an integer >= 1 or null, got 0"):
+        load_recipe("tiny", {"student.feature_dim": "0"})
+    with pytest.raises(RecipeError, match=r"student\.feature_map='elu' has no learned projection"):
+        load_recipe("tiny", {"student.feature_map": "elu", "student.feature_bias": "true"})

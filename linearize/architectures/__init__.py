@@ -24,6 +24,8 @@ FEATURE_MAPS: dict[str, str] = {
     "elu": "linearize.architectures.feature_maps:EluPlusOne",
     "relu": "linearize.architectures.feature_maps:Relu",
 }
+LEARNED_FEATURE_MAPS = ("hedgehog", "t2r")
+"""Feature maps with a learned projection (the ones `student.feature_dim` / `feature_bias` apply to)."""
 
 
 def resolve(table: dict[str, str], name: str, kind: str) -> type:

@@ -97,9 +97,15 @@ class Mixer(nn.Module):
     def add_feature_maps(self) -> int:
         """feature_map_q / feature_map_k from the plan; returns the feature dimension F."""
         fmap = FEATURE_MAP_CLASSES[self.spec["feature_map"]]
-        self.feature_map_q = fmap(self.num_heads, self.head_dim)
-        self.feature_map_k = fmap(self.num_kv_heads, self.head_dim)
-        return fmap.feature_dim(self.head_dim)
+        # plans written before these keys existed mean the defaults: width head_dim, no hedgehog bias
+        extra = {}
+        if self.spec.get("feature_dim"):
+            extra["width"] = int(self.spec["feature_dim"])
+        if self.spec.get("feature_bias"):
+            extra["bias"] = True
+        self.feature_map_q = fmap(self.num_heads, self.head_dim, **extra)
+        self.feature_map_k = fmap(self.num_kv_heads, self.head_dim, **extra)
+        return fmap.feature_dim(self.head_dim, extra.get("width"))
 
     def project(self, hidden_states):
         """Raw q: [B, T, H, D], k, v: [B, T, H_kv, D] (before q/k norms and RoPE)."""

@@ -46,6 +46,8 @@ def plan_for(student: StudentConfig, teacher_config) -> dict:
         "teacher_model_type": family.model_type,
         "mixer": student.mixer,
         "feature_map": student.feature_map,
+        "feature_dim": student.feature_dim,
+        "feature_bias": student.feature_bias,
         "layers": student.layers,
         "softmax_layers": kept,
         "eps": student.eps,

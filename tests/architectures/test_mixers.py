@@ -22,8 +22,10 @@ from linearize.convert.teachers import bundled_path
 VARIANTS = {
     "linear": dict(mixer="linear"),
     "window_linear": dict(mixer="window_linear", window=8),
-    "gated": dict(mixer="gated"),
-    "gated_window": dict(mixer="gated", gated_window=True, window=8),
+    "gated": dict(
+        mixer="gated", feature_dim=12, feature_bias=True
+    ),  # a wider map with a bias, not a multiple of D
+    "gated_window": dict(mixer="gated", gated_window=True, window=8, feature_dim=12, feature_bias=True),
     "gated_slot": dict(mixer="gated_slot", num_slots=16),
     "gated_delta": dict(mixer="gated_delta"),
 }
@@ -179,16 +181,21 @@ def test_every_mixer_and_family_loads_with_remote_code_in_a_venv_without_lineari
         assert (logits - expected).abs().max().item() <= 1e-5, folder
 
 
-# Loss after 60 single-block steps over its value at init. Mixers with an exact softmax window or a delta
-# rule halve it here; the purely recurrent ones (linear, gated, gated_slot) learn more slowly on this teacher
-# (head_dim 8) and halve it only with more steps (gated and gated_slot reach 0.51 after 150 steps at lr 0.1;
-# see the issue note for the full stage-1 numbers), so their short-run bar is 0.75.
-SHORT_RUN_BAR = {"window_linear": 0.5, "gated_window": 0.5, "gated_delta": 0.5}
+# Stage-1 settings per mixer: (student fields, lr, steps). The purely recurrent mixers (linear, gated,
+# gated_slot) cannot reproduce this teacher's sharp attention with the 16 features of a plain map on its
+# 8-dim heads (plain hedgehog stalls at 0.66-0.72 of the initial loss even after 600 steps): they use a
+# 4x wider map with a bias (gated_slot: T2R, its paper's setting) and a higher lr; see
+# `student.feature_dim`. Every mixer must halve its loss.
+STAGE1 = {
+    "linear": (dict(feature_dim=32, feature_bias=True), 0.1, 150),
+    "gated": (dict(feature_dim=32, feature_bias=True), 0.1, 120),
+    "gated_slot": (dict(feature_map="t2r", feature_dim=32), 0.1, 120),
+}
 
 
-def test_attention_stage_lowers_the_alignment_loss_on_the_bundled_teacher(variant):
+def test_attention_stage_halves_the_alignment_loss_on_the_bundled_teacher(variant):
     """Stage 1 (new parameters only, layer-wise MSE to the teacher's attention output) on the bundled
-    teacher, 60 AdamW steps of one 128-token block each."""
+    teacher, AdamW steps of one 128-token block each, lowers the loss on 8 blocks to half its value at init."""
     from linearize.config import DataConfig
     from linearize.convert.teachers import load_teacher
     from linearize.distill.data import build_splits
@@ -197,22 +204,23 @@ def test_attention_stage_lowers_the_alignment_loss_on_the_bundled_teacher(varian
     torch.manual_seed(0)
     teacher, tok = load_teacher("bundled:stories260K")
     blocks = build_splits(DataConfig(seq_len=128), tok).train[:8]
-    fields = {**VARIANTS[variant], "window": 16} if "window" in VARIANTS[variant] else VARIANTS[variant]
-    student = swap(teacher, plan_for(StudentConfig(**fields), teacher.config))
+    fields = {**VARIANTS[variant], "window": 16} if "window" in VARIANTS[variant] else dict(VARIANTS[variant])
+    extra, lr, steps = STAGE1.get(variant, ({}, 0.05, 60))
+    student = swap(teacher, plan_for(StudentConfig(**{**fields, **extra}), teacher.config))
     loss_fn = attention_stage(student)
     params = [p for p in student.parameters() if p.requires_grad]
     trained = {n for n, p in student.named_parameters() if p.requires_grad}
     assert trained and trained == set(new_parameters(student))
-    opt = torch.optim.AdamW(params, lr=0.05)
+    opt = torch.optim.AdamW(params, lr=lr)
     with torch.no_grad():
         first = loss_fn(student, blocks).item()
-    for step in range(60):
+    for step in range(steps):
         loss_fn(student, blocks[step % 4 : step % 4 + 1]).backward()
         opt.step()
         opt.zero_grad()
     with torch.no_grad():
         last = loss_fn(student, blocks).item()
-    assert last <= SHORT_RUN_BAR.get(variant, 0.75) * first, (first, last)
+    assert last <= 0.5 * first, (first, last, last / first)
 
 
 def test_keep_softmax_restores_the_teacher_layer(family):
