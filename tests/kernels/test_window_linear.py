@@ -437,6 +437,19 @@ def test_triton_float64_inputs_run_in_float32(interpreted_triton):
 
 
 @needs_interpreter
+def test_triton_refuses_int32_overflow(interpreted_triton):
+    """The kernels index with int32: a call whose per-chunk states would pass 2**31 elements is refused before
+    anything is allocated (meta tensors: no memory)."""
+    B_, T, H_, D, F = 8, 65536, 32, 64, 128
+    q = torch.empty(B_, T, H_, D, device="meta")
+    fq = torch.empty(B_, T, H_, F, device="meta")
+    with pytest.raises(ValueError, match=r"int32, so each must hold < 2\*\*31 elements.*split the batch"):
+        interpreted_triton.window_linear_triton(
+            q, q, q, fq, fq, window=64, window_factor=torch.full((H_,), 0.5)
+        )
+
+
+@needs_interpreter
 def test_triton_empty_sequence_keeps_state(interpreted_triton):
     q, k, v, fq, fk, wf = (x.float() for x in make_inputs(0))
     st = state_as(make_state(16, P=20), torch.float32)

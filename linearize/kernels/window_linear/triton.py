@@ -644,7 +644,15 @@ def window_linear_triton(
     math is float32 for every input dtype: float64 inputs are computed in float32 (their final linear_state
     is returned as float64, as the state's contract says, but carries float32 precision)."""
     B, T, H, D = q.shape
-    V = v.shape[-1]
+    V, F = v.shape[-1], fq.shape[-1]
+    NT = triton.cdiv(T, _linear_blocks(F, V)[0]["BT"])
+    largest = max(B * (window + T) * H * max(D, F, V), B * H * NT * F * V)
+    if largest >= 2**31:
+        raise ValueError(
+            f"impl='triton' indexes its buffers with int32, so each must hold < 2**31 elements; this call needs "
+            f"{largest} (B={B}, T={T}, H={H}, W={window}, D={D}, F={F}, V={V}): split the batch or the sequence "
+            "(carry the final state)"
+        )
     dtype = torch.float32
     scale = D**-0.5 if scale is None else scale
     state = empty_window_linear_state(q, v, fq, window) if initial_state is None else initial_state
