@@ -216,9 +216,10 @@ class LogitsStageConfig(StageConfig):
     """Weight of KL(teacher || student)."""
     ce_weight: float = 0.0
     """Weight of next-token cross-entropy on the training text."""
-    trainable: Literal["lora", "attention"] = "lora"
+    trainable: Literal["lora", "attention", "all"] = "lora"
     """`lora`: LoRA on q/k/v/o plus the mixers' new parameters, teacher = same weights with LoRA off and
-    softmax on. `attention`: all attention parameters, teacher = a frozen copy."""
+    softmax on. `attention`: all attention parameters, teacher = a frozen copy. `all`: every parameter
+    (embeddings, MLPs, norms too; RADLADS' full-parameter stage), teacher = a frozen copy."""
     lora_r: int = 8
     """LoRA rank."""
     lora_alpha: float = 16.0

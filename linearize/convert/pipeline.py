@@ -144,7 +144,8 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
     logits_done = checkpoint.is_complete(run_dir / "logits" / "final")
     if logits_cfg.cache_k and logits_cfg.steps and only != "attention" and not logits_done:
         cache = teacher_logit_cache(teacher, splits.train, recipe, run_dir, accelerator)
-    needs_copy = logits_cfg.trainable == "attention" and cache is None and only != "attention"
+    # trainable=attention|all moves the teacher's own weights: its logits come from an untouched copy
+    needs_copy = logits_cfg.trainable != "lora" and cache is None and only != "attention"
     frozen = None
     if needs_copy and not logits_done:  # prepared now: under ZeRO-3 or FSDP2 it is sharded from here on
         frozen = prepare_frozen_teacher(accelerator, copy.deepcopy(teacher), logits_cfg.batch_size)
@@ -238,7 +239,7 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
 
 
 def prepare_frozen_teacher(accelerator, teacher: torch.nn.Module, batch_size: int) -> torch.nn.Module:
-    """The untouched teacher copy of stage logits with trainable=attention, frozen and placed as the
+    """The untouched teacher copy of stage logits with trainable=attention|all, frozen and placed as the
     student will be: under DeepSpeed see `deepspeed_frozen_teacher`; under FSDP2 sharded with the
     student's FSDP plugin (as trl's `prepare_fsdp` does); under DDP or one process, whole on this device."""
     teacher.requires_grad_(False).eval()  # before sharding: FSDP2 upcasts only trainable parameters

@@ -241,7 +241,7 @@ class MemoryEstimate:
     stored in 16 bits (FSDP upcasts it, DeepSpeed keeps one); plain AdamW on 16-bit parameters keeps 16-bit
     moments, so this is an upper bound there."""
     frozen_teacher: int
-    """Stage logits with trainable=attention and no logit cache: the frozen teacher copy, sharded under
+    """Stage logits with trainable=attention|all and no logit cache: the frozen teacher copy, sharded under
     ZeRO-3 and FSDP2 (offloaded with the weights), else whole on every device."""
     activations: int
     """batch * seq_len * bytes * (sum over layers of the layer's per-token count + WORKSPACE_HIDDEN * hidden
@@ -343,6 +343,8 @@ def count_parameters(model_config, recipe: Recipe, stage: str) -> ParameterCount
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in cfg.lora_targets:
                 lora += cfg.lora_r * (module.in_features + module.out_features)
+    elif cfg.trainable == "all":
+        trainable = set(params)
     else:
         trainable = {n for n in params if ".self_attn." in n}
     layers = model.model.layers
@@ -419,7 +421,7 @@ def estimate(
     per_token += WORKSPACE_HIDDEN * hidden + WORKSPACE_INTERMEDIATE * intermediate
     tokens_per_micro = cfg.batch_size * recipe.data.seq_len
     frozen = 0
-    if stage == "logits" and cfg.trainable == "attention" and not cfg.cache_k:
+    if stage == "logits" and cfg.trainable != "lora" and not cfg.cache_k:
         frozen = shard(counts.teacher_bytes, sharding.frozen_teacher, sharding.offload_params)
     return MemoryEstimate(
         stage=stage,

@@ -68,7 +68,8 @@ def logits_stage(
 
     trainable="lora": LoRA on cfg.lora_targets plus the new parameters; the teacher is the same weights
     with LoRA disabled and softmax attention switched back on. trainable="attention": every attention
-    parameter trains, so the teacher must be `frozen_teacher`, an untouched copy. With a top-k logit
+    parameter trains; trainable="all": every parameter trains. Then the teacher must be `frozen_teacher`,
+    an untouched copy (or the cache). With a top-k logit
     `cache` the teacher is not run at all: the KL is computed from the cached top-k logits.
     """
     added = new_parameters(student)
@@ -91,10 +92,12 @@ def logits_stage(
                 return model(input_ids=input_ids, use_cache=False).logits
     else:
         if frozen_teacher is None and cache is None:
-            raise ValueError("stages.logits.trainable=attention needs a frozen teacher copy or a logit cache")
+            raise ValueError(
+                f"stages.logits.trainable={cfg.trainable} needs a frozen teacher copy or a logit cache"
+            )
         model = student
-        attention = {n for n, _ in student.named_parameters() if ".self_attn." in n}
-        freeze_all_but(student, sorted(attention))
+        names = [n for n, _ in student.named_parameters()]
+        freeze_all_but(student, names if cfg.trainable == "all" else [n for n in names if ".self_attn." in n])
         if frozen_teacher is not None:
             frozen_teacher.requires_grad_(False)
 

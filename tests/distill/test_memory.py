@@ -59,13 +59,13 @@ def test_parameter_counts_match_the_real_student(family, mixer):
     attention_stage(student)
     assert counts.trainable == trainable(student) > 0
 
-    for kind in ("lora", "attention"):
+    for kind in ("lora", "attention", "all"):
         recipe = load_recipe(
             "tiny", {"student.mixer": mixer, "stages.logits.lora_r": "4", "stages.logits.trainable": kind}
         )
         counts = count_parameters(config, recipe, "logits")
         student = swap(tiny_model(family), plan_for(recipe.student, config))
-        frozen = tiny_model(family) if kind == "attention" else None
+        frozen = tiny_model(family) if kind != "lora" else None
         model, _ = logits_stage(student, recipe.stages.logits, frozen)
         assert counts.trainable == trainable(model), kind
         assert counts.total == sum(p.numel() for p in model.parameters()), kind

@@ -35,7 +35,7 @@ def test_attention_stage_trains_only_new_parameters_on_teacher_inputs(family):
         assert (student(ids).logits - expected).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("trainable", ["lora", "attention"])
+@pytest.mark.parametrize("trainable", ["lora", "attention", "all"])
 def test_logits_stage_teacher_does_not_move(trainable):
     import copy
 
@@ -43,7 +43,8 @@ def test_logits_stage_teacher_does_not_move(trainable):
     ids = torch.randint(3, 512, (2, 24))
     with torch.no_grad():
         expected = teacher(ids).logits
-    frozen = copy.deepcopy(teacher) if trainable == "attention" else None
+    frozen = copy.deepcopy(teacher) if trainable != "lora" else None
+    mlp_before = teacher.model.layers[0].mlp.up_proj.weight.detach().clone()
     student = swap(teacher, plan_for(StudentConfig(), teacher.config))
     cfg = LogitsStageConfig(trainable=trainable, lr=1e-3)
     model, loss_fn = logits_stage(student, cfg, frozen)
@@ -65,10 +66,15 @@ def test_logits_stage_teacher_does_not_move(trainable):
     assert (after - expected).abs().max().item() <= 1e-5
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("feature_map" in n for n in names)
+    mlp_after = student.model.layers[0].mlp.up_proj.weight
     if trainable == "lora":
         assert any("lora_A" in n for n in names) and not any("mlp" in n for n in names)
-    else:
+    elif trainable == "attention":
         assert all(".self_attn." in n for n in names)
+    else:
+        assert names == {n for n, _ in model.named_parameters()}
+        assert any(".mlp." in n for n in names) and "model.embed_tokens.weight" in names
+    assert torch.equal(mlp_after, mlp_before) == (trainable != "all")
 
 
 def run_stage(tmp_path, loss_fn, model, precision="fp32", steps=3, skip_nonfinite=0):
