@@ -97,7 +97,7 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
         raise RecipeError(f"stage must be one of {', '.join(STAGES)}, got {only!r}")
     if (
         only == "logits"
-        and recipe.stages.attention.steps
+        and stage_steps(recipe, "attention")
         and not checkpoint.is_complete(recipe.run_dir / "attention" / "final")
     ):
         raise RecipeError(
@@ -117,7 +117,7 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
     teacher, tokenizer = load_teacher(recipe.teacher.path, recipe.teacher.dtype)
     plan = plan_for(recipe.student, teacher.config)
     # The memory estimate of every stage about to run, refused here when one would not fit the device.
-    todo = [s for s in STAGES if getattr(recipe.stages, s).steps and only in (None, s)]
+    todo = [s for s in STAGES if stage_steps(recipe, s) and only in (None, s)]
     todo = [s for s in todo if not checkpoint.is_complete(recipe.run_dir / s / "final")]
     preflight(recipe, teacher.config, todo, accelerator)
     splits = build_splits(recipe.data, tokenizer)
@@ -156,15 +156,21 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
     tokens: dict[str, int] = {}
     for stage in STAGES:
         cfg = getattr(recipe.stages, stage)
+        steps = stage_steps(recipe, stage)
         stage_dir = run_dir / stage
         final = stage_dir / "final"
+        if steps < cfg.steps:
+            accelerator.print(
+                f"[{stage}] skipped: student.mixer=softmax keeps every layer's attention, so there is nothing "
+                "to align (the fine-tuned-teacher control trains in stage logits only)"
+            )
         tokens[stage] = (
-            cfg.steps * cfg.batch_size * cfg.grad_accum * accelerator.num_processes * recipe.data.seq_len
+            steps * cfg.batch_size * cfg.grad_accum * accelerator.num_processes * recipe.data.seq_len
         )
         if checkpoint.is_complete(final):
             accelerator.print(f"[{stage}] already done: loading {final}")
             load_weights(student, final)
-        elif cfg.steps > 0:
+        elif steps > 0:
             if stage == "attention":
                 model, loss_fn = student, attention_stage(student)
             else:
@@ -236,6 +242,14 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
             run_eval_tasks(recipe, out, accelerator.device, accelerator.print)
     accelerator.print(f"exported to {out}")
     return out
+
+
+def stage_steps(recipe: Recipe, stage: str) -> int:
+    """Optimizer steps `stage` really runs: stage attention has none when `student.mixer=softmax` (no new
+    parameters to align), whatever the recipe says."""
+    if stage == "attention" and recipe.student.mixer == "softmax":
+        return 0
+    return getattr(recipe.stages, stage).steps
 
 
 def prepare_frozen_teacher(accelerator, teacher: torch.nn.Module, batch_size: int) -> torch.nn.Module:

@@ -16,11 +16,19 @@ from linearize.convert.teachers import family_of
 def plan_for(student: StudentConfig, teacher_config) -> dict:
     """The conversion plan for this teacher, its layer plan resolved against the number of layers.
 
+    `student.mixer=softmax` with `layers=all` keeps every layer softmax: the teacher itself, trained by
+    stage logits alone (the fine-tuned-teacher control). Any other mixer must convert at least one layer.
+
     An `auto:N` plan starts with every layer converted (`softmax_layers` empty) and records N as
     `auto_softmax`; the pipeline fills `softmax_layers` and `layer_ranking` after stage 1."""
     family = family_of(teacher_config)
     n = teacher_config.num_hidden_layers
     kind, arg = parse_layer_plan(student.layers)
+    if student.mixer == "softmax" and kind != "all":
+        raise RecipeError(
+            f"student.mixer=softmax keeps every layer's softmax attention (the fine-tuned-teacher control), so "
+            f"student.layers must be `all`, got {student.layers!r}"
+        )
     auto = 0
     if kind == "list":
         bad = [i for i in arg if i >= n]
@@ -37,8 +45,9 @@ def plan_for(student: StudentConfig, teacher_config) -> dict:
             )
         kept, auto = [], arg
     else:
-        kept = []
-    if len(kept) == n:
+        # the control keeps every layer, and says so: the exported config's layer types and cache follow
+        kept = list(range(n)) if student.mixer == "softmax" else []
+    if len(kept) == n and student.mixer != "softmax":
         raise RecipeError(
             f"student.layers={student.layers!r} keeps all {n} layers as softmax, so nothing is converted"
         )

@@ -79,6 +79,11 @@ def test_layer_plans_resolve_against_the_teacher():
         make_plan(config, layers="auto:3")
     with pytest.raises(RecipeError, match=r"keeps all 3 layers as softmax, so nothing is converted"):
         make_plan(config, layers=[0, 1, 2])
+    # mixer=softmax is the fine-tuned-teacher control: every layer kept, and only with layers=all
+    assert make_plan(config, mixer="softmax")["softmax_layers"] == [0, 1, 2]
+    for layers in ([0], "every:2", "auto:1"):
+        with pytest.raises(RecipeError, match=r"student.mixer=softmax .* student.layers must be `all`"):
+            make_plan(config, mixer="softmax", layers=layers)
 
 
 @pytest.mark.parametrize("bad", ["some", "every:1", "every:x", "auto:0", "auto:", [-1]])

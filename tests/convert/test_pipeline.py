@@ -34,3 +34,38 @@ def test_convert_trains_attention_against_the_frozen_copy(tmp_path):
     losses = [r["loss"] for r in records if r["stage"] == "logits"]
     assert len(losses) == 3 and all(math.isfinite(x) and x > 0 for x in losses)
     assert (tmp_path / "run" / "final" / "config.json").is_file()
+
+
+def test_the_fine_tuned_teacher_control_skips_stage_attention_and_exports_a_softmax_model(tmp_path, capsys):
+    """student.mixer=softmax: every layer stays softmax, stage attention has nothing to train and is
+    skipped, stage logits fine-tunes the teacher on CE, and the export loads and generates."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import linearize  # noqa: F401  (registers the converted classes)
+
+    overrides = {
+        "output_dir": str(tmp_path / "run"),
+        "student.mixer": "softmax",
+        "stages.attention.steps": "2",
+        "stages.logits.steps": "2",
+        "stages.logits.ce_weight": "1",
+        "stages.logits.lr": "0.01",
+        "data.heldout_docs": "0",
+        "eval.tasks": "[]",
+    }
+    out = convert(load_recipe("tiny", overrides))
+    assert "[attention] skipped: student.mixer=softmax" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "attention").exists()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in records} == {"logits"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["layer_types"] == ["full_attention"] * 5
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    teacher, _ = load_teacher("bundled:stories260K")
+    ids = torch.tensor([[1, 403, 407, 261, 378, 395, 261, 3, 262, 323]])
+    with torch.no_grad():
+        moved = (exported(ids).logits - teacher(ids).logits).abs().max().item()
+    assert moved > 1e-2
+    generated = exported.generate(ids, max_new_tokens=8, do_sample=False)
+    assert generated.shape == (1, 18)

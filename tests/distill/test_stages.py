@@ -77,6 +77,27 @@ def test_logits_stage_teacher_does_not_move(trainable):
     assert torch.equal(mlp_after, mlp_before) == (trainable != "all")
 
 
+def test_lora_on_an_all_softmax_student_keeps_the_untouched_teacher():
+    """The fine-tuned-teacher control (student.mixer=softmax, LoRA): with the adapters off the model is
+    still the teacher, so the KL target does not move while the student trains."""
+    teacher, _ = load_teacher("bundled:stories260K")
+    ids = torch.randint(3, 512, (2, 24))
+    with torch.no_grad():
+        expected = teacher(ids).logits
+    student = swap(teacher, plan_for(StudentConfig(mixer="softmax"), teacher.config))
+    assert new_parameters(student) == []
+    model, loss_fn = logits_stage(student, LogitsStageConfig(trainable="lora", ce_weight=1.0), None)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss_fn(model, ids).backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        with model.disable_adapter(), mode(model, "teacher"):
+            assert (model(ids).logits - expected).abs().max().item() <= 1e-5
+        assert (model(ids).logits - expected).abs().max().item() > 1e-3
+
+
 def run_stage(tmp_path, loss_fn, model, precision="fp32", steps=3, skip_nonfinite=0):
     train = TrainConfig(precision=precision, checkpoint_every=2, skip_nonfinite=skip_nonfinite)
     recipe = Recipe(output_dir=str(tmp_path), train=train)
