@@ -212,7 +212,8 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
             if splits.heldout:
                 evals.get("student_after_layer_plan", lambda: ppl(student))
         if only == stage == "attention":
-            accelerator.print(f"[attention] stage 1 is in {final}; next: the same command with stage=logits")
+            done = f"stage 1 is in {final}" if steps else "stage 1 has nothing to do"
+            accelerator.print(f"[attention] {done}; next: the same command with stage=logits")
             return final
 
     out = (
