@@ -56,6 +56,19 @@ ACTIVATIONS = {
     },
 }
 ACTIVATION_INTERMEDIATE = 3
+
+
+def feature_width_factor(recipe, model_config) -> float:
+    """How much wider than the measured setting (hedgehog's projection as wide as the head) the recipe's
+    feature maps are: a converted layer's activation count is scaled by it, an upper bound (q, k, v and the
+    outputs do not grow with the feature width)."""
+    head_dim = getattr(model_config, "head_dim", None) or (
+        model_config.hidden_size // model_config.num_attention_heads
+    )
+    width = recipe.student.feature_dim or head_dim
+    return max(1.0, width / head_dim)
+
+
 # One layer's forward temporaries on top (the stage-1 recompute of the teacher's softmax attention under
 # no_grad, q/k/v, the MLP's intermediates) and the activation gradients of the layer in backward.
 WORKSPACE_HIDDEN = 16
@@ -412,11 +425,13 @@ def estimate(
     hidden = model_config.hidden_size
     intermediate = getattr(model_config, "intermediate_size", 4 * hidden)
     table = ACTIVATIONS[kernels][stage]
+    width = feature_width_factor(recipe, model_config)
+    mixer_count = {m: table.get(m, 0) * (1 if m == "softmax" else width) for m in set(counts.layer_mixers)}
     if stage == "attention":
-        per_token = sum(table.get(m, 0) for m in counts.layer_mixers) * hidden
+        per_token = sum(mixer_count[m] for m in counts.layer_mixers) * hidden
     else:
         per_token = sum(
-            table[m] * hidden + ACTIVATION_INTERMEDIATE * intermediate for m in counts.layer_mixers
+            mixer_count[m] * hidden + ACTIVATION_INTERMEDIATE * intermediate for m in counts.layer_mixers
         )
     per_token += WORKSPACE_HIDDEN * hidden + WORKSPACE_INTERMEDIATE * intermediate
     tokens_per_micro = cfg.batch_size * recipe.data.seq_len

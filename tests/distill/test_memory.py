@@ -176,8 +176,9 @@ def test_activation_and_logit_formulas():
     assert count_parameters(config, hybrid, "logits").layer_mixers.count("softmax") == 7
 
 
-def saved_per_token_layer(stage: str, mixer: str, layers: int) -> float:
-    """Bytes saved for backward (parameters excluded) by one chunked-form micro-batch, per token."""
+def saved_per_token_layer(stage: str, mixer: str, layers: int, feature_dim: int | None = None) -> float:
+    """Bytes saved for backward (parameters excluded) by one chunked-form micro-batch, per token; the plain
+    hedgehog map (as wide as the head, the setting the constants were measured in) unless feature_dim."""
     from transformers import Qwen2Config
 
     torch.manual_seed(0)
@@ -195,7 +196,14 @@ def saved_per_token_layer(stage: str, mixer: str, layers: int) -> float:
 
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     recipe = load_recipe(
-        "tiny", {"student.mixer": mixer, "student.impl": "chunked", "stages.logits.trainable": "lora"}
+        "tiny",
+        {
+            "student.mixer": mixer,
+            "student.impl": "chunked",
+            "stages.logits.trainable": "lora",
+            "student.feature_dim": str(feature_dim) if feature_dim else "null",
+            "student.feature_bias": "false",
+        },
     )
     student = swap(model, plan_for(recipe.student, config))
     if stage == "attention":
@@ -229,6 +237,21 @@ def test_activation_constants_bound_what_the_chunked_forms_keep(stage, mixer):
     if stage == "logits":
         bound += ACTIVATION_INTERMEDIATE * 512 * 2
     assert 0.5 * bound < per_layer <= bound
+
+
+@pytest.mark.parametrize("mixer", ["linear", "gated"])
+def test_a_wider_feature_map_stays_within_the_scaled_constants(mixer):
+    """feature_dim = 2 x head_dim: the estimate scales a converted layer's count by 2, an upper bound."""
+    from linearize.distill.memory import feature_width_factor
+
+    per_layer = saved_per_token_layer("attention", mixer, 2, 256) - saved_per_token_layer(
+        "attention", mixer, 1, 256
+    )
+    plain = saved_per_token_layer("attention", mixer, 2) - saved_per_token_layer("attention", mixer, 1)
+    recipe = load_recipe("tiny", {"student.feature_dim": "256"})
+    factor = feature_width_factor(recipe, type("C", (), {"head_dim": 128, "hidden_size": 256})())
+    assert factor == 2.0
+    assert plain < per_layer <= factor * ACTIVATIONS["chunked"]["attention"][mixer] * 256 * 2
 
 
 def test_check_fits_names_the_total_the_memory_and_the_fixes():
