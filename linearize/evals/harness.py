@@ -108,7 +108,8 @@ class EvalSettings:
 
     @classmethod
     def from_pairs(cls, pairs: dict[str, str]) -> EvalSettings:
-        """Settings from `key=value` strings (values parsed as YAML: `mqar_pairs=[4,8]`)."""
+        """Settings from `key=value` strings (values parsed as YAML: `mqar_pairs=[4,8]`; a list may also be
+        given comma-separated: `controls=window,branches`, `mqar_pairs=4,8`)."""
         import yaml
 
         names = [f.name for f in dataclasses.fields(cls)]
@@ -121,6 +122,8 @@ class EvalSettings:
                 )
             value = yaml.safe_load(raw) if isinstance(raw, str) else raw
             tp = hints[key]
+            if typing.get_origin(tp) is list and isinstance(value, str) and "," in value:
+                value = [yaml.safe_load(part) for part in value.split(",")]  # controls=window,branches
             if typing.get_origin(tp) is list and not isinstance(value, list):
                 value = [value]
             if tp is str or tp == list[str]:

@@ -110,6 +110,8 @@ def test_cli_eval_errors_are_clear(student_dir, tmp_path):
 def test_settings_from_pairs_parse_lists_and_check_choices():
     s = EvalSettings.from_pairs({"mqar_pairs": "[2,4]", "passkey_depths": "[0, 1]", "controls": "window"})
     assert s.mqar_pairs == [2, 4] and s.passkey_depths == [0.0, 1.0] and s.controls == ["window"]
+    s = EvalSettings.from_pairs({"mqar_pairs": "2,4", "controls": "window,branches"})
+    assert s.mqar_pairs == [2, 4] and s.controls == ["window", "branches"]
     with pytest.raises(EvalError, match="ppl_mode"):
         EvalSettings.from_pairs({"ppl_mode": "sliding"})
 
