@@ -44,14 +44,48 @@ class EvalLog:
         return self.results[name]
 
 
+# Fields that describe a run without changing it: a new wording of these does not make another recipe.
+DESCRIPTIVE_FIELDS = ("description", "launch.hardware")
+
+
+def recipe_differences(saved: Path, recipe: Recipe) -> list[str]:
+    """The fields (dotted) in which `recipe` differs from the resolved recipe saved at `saved`, as
+    "key: <saved> then, <now> now", descriptive fields left out. The saved recipe is read through the schema
+    when it still validates, so a field added to the schema since (at its default) is no difference."""
+    import yaml
+
+    from linearize.config import load_recipe
+
+    try:
+        before = load_recipe(str(saved)).to_dict()
+    except RecipeError:  # a field since removed or renamed: compare the raw text's tree
+        before = yaml.safe_load(saved.read_text()) or {}
+    now = recipe.to_dict()
+
+    def walk(a, b, prefix: str):
+        for key in sorted(set(a) | set(b), key=str):
+            name = f"{prefix}{key}"
+            x, y = a.get(key, "<absent>"), b.get(key, "<absent>")
+            if isinstance(x, dict) and isinstance(y, dict):
+                yield from walk(x, y, f"{name}.")
+            elif x != y and name not in DESCRIPTIVE_FIELDS:
+                yield f"{name}: {x!r} then, {y!r} now"
+
+    return list(walk(before, now, ""))
+
+
 def check_run_dir(recipe: Recipe) -> Path:
     """Refuse a run folder that holds a run of another recipe (nothing is written here)."""
     run_dir = recipe.run_dir
     saved = run_dir / "recipe.yaml"
-    if saved.is_file() and saved.read_text() != recipe.to_yaml():
+    differences = recipe_differences(saved, recipe) if saved.is_file() else []
+    if differences:
+        shown = "; ".join(differences[:4]) + (
+            f"; and {len(differences) - 4} more" if len(differences) > 4 else ""
+        )
         raise RecipeError(
-            f"{run_dir} holds a run of a different recipe (see {saved}); rerun with the same recipe and "
-            f"overrides to resume, set output_dir=<new folder>, or delete {run_dir}"
+            f"{run_dir} holds a run of a different recipe ({shown}; see {saved}); rerun with the same recipe "
+            f"and overrides to resume, set output_dir=<new folder>, or delete {run_dir}"
         )
     return run_dir
 

@@ -69,3 +69,31 @@ def test_the_fine_tuned_teacher_control_skips_stage_attention_and_exports_a_soft
     assert moved > 1e-2
     generated = exported.generate(ids, max_new_tokens=8, do_sample=False)
     assert generated.shape == (1, 18)
+
+
+def test_a_rerun_is_refused_only_for_a_recipe_that_changes_the_run(tmp_path):
+    """The refusal names the fields that differ; a new description or hardware line is no difference, and
+    neither is a field added to the schema since the run started (read at its default)."""
+    import yaml
+
+    from linearize.config import load_recipe
+    from linearize.convert.pipeline import recipe_differences
+
+    saved = tmp_path / "recipe.yaml"
+    recipe = load_recipe("tiny", {"output_dir": str(tmp_path)})
+    tree = recipe.to_dict()
+    tree["description"] = "an older wording"
+    tree["launch"]["hardware"] = "a laptop"
+    del tree["student"]["feature_bias"]  # as a run started before the field existed would have saved it
+    tree["student"]["feature_bias"] = recipe.student.feature_bias  # ...at the recipe's value
+    saved.write_text(yaml.safe_dump(tree, sort_keys=False))
+    assert recipe_differences(saved, recipe) == []
+    del tree["student"]["feature_bias"]  # absent: the schema's default (false), and the tiny recipe says true
+    saved.write_text(yaml.safe_dump(tree, sort_keys=False))
+    assert recipe_differences(saved, recipe) == ["student.feature_bias: False then, True now"]
+    other = load_recipe("tiny", {"output_dir": str(tmp_path), "seed": "5", "stages.logits.lr": "0.01"})
+    saved.write_text(recipe.to_yaml())
+    assert recipe_differences(saved, other) == [
+        "seed: 0 then, 5 now",
+        "stages.logits.lr: 0.005 then, 0.01 now",
+    ]

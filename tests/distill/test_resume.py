@@ -82,4 +82,4 @@ def test_other_recipe_in_same_folder_is_refused(reference):
         text=True,
         env=env,
     )
-    assert proc.returncode != 0 and "holds a run of a different recipe" in proc.stderr
+    assert proc.returncode != 0 and "holds a run of a different recipe (seed: 0 then, 5 now;" in proc.stderr
