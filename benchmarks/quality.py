@@ -103,9 +103,7 @@ def scaled_stages(recipe, budget: int) -> tuple[dict[str, str], dict[str, int]]:
         s: getattr(recipe.stages, s).batch_size * getattr(recipe.stages, s).grad_accum * recipe.data.seq_len
         for s in STAGES
     }
-    own = {s: getattr(recipe.stages, s).steps * per_step[s] for s in STAGES}
-    if recipe.student.mixer == "softmax":
-        own["attention"] = 0
+    own = {s: recipe.stage_steps(s) * per_step[s] for s in STAGES}
     if not sum(own.values()):
         raise UsageError(f"recipe {recipe.name} trains no stage, so it has no budget to scale")
     overrides, tokens = {}, {}
@@ -170,7 +168,7 @@ def plan_runs(args) -> tuple[list[Run], dict[tuple[str, int], Run | None]]:
             resolved = load_recipe(name, {**over, "teacher.path": args.teacher})
             key = json.dumps(
                 [resolved.to_dict()[k] for k in ("seed", "teacher", "data", "train")]
-                + [dataclass_dict(resolved.stages.logits)],
+                + [resolved.to_dict()["stages"]["logits"]],
                 sort_keys=True,
             )
             if key not in by_key:
@@ -185,12 +183,6 @@ def plan_runs(args) -> tuple[list[Run], dict[tuple[str, int], Run | None]]:
                 runs.append(by_key[key])
             controls[(name, budget)] = by_key[key]
     return runs, controls
-
-
-def dataclass_dict(obj) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(obj)
 
 
 def teacher_context(teacher: str) -> int | None:
@@ -564,22 +556,21 @@ def parse_args(argv: list[str] | None = None):
         except TeacherError as err:
             raise UsageError(str(err)) from None
         for name in args.recipes:  # every recipe resolves with the data and budgets asked
-            runs_of = load_recipe_checked(name, args)
-            del runs_of
+            check_recipe(name, args)
     except (UsageError, RecipeError) as err:
         p.error(str(err))
     args.out = args.out.expanduser()
     return args
 
 
-def load_recipe_checked(name: str, args):
+def check_recipe(name: str, args) -> None:
+    """`name` resolves with the data, teacher and every budget asked (a RecipeError or UsageError if not)."""
     from linearize.config import load_recipe
 
     recipe = load_recipe(name, {**data_overrides(args.train), "teacher.path": args.teacher})
     for budget in args.budgets:
         overrides, _ = scaled_stages(recipe, budget)
         load_recipe(name, {**data_overrides(args.train), **overrides})
-    return recipe
 
 
 def main(argv: list[str] | None = None) -> None:

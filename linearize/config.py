@@ -412,6 +412,13 @@ class Recipe:
     def run_dir(self) -> Path:
         return Path(self.output_dir or f"out/{self.name}")
 
+    def stage_steps(self, stage: str) -> int:
+        """Optimizer steps `stage` really runs: stage attention has none when `student.mixer=softmax` (no new
+        parameters to align), whatever its `steps` say."""
+        if stage == "attention" and self.student.mixer == "softmax":
+            return 0
+        return getattr(self.stages, stage).steps
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from linearize.architectures.mixers import keep_softmax
-from linearize.config import Recipe, RecipeError
+from linearize.config import Recipe, RecipeError, load_recipe
 from linearize.convert.export import export, hardware
 from linearize.convert.swap import plan_for, swap
 from linearize.convert.teachers import load_teacher
@@ -53,8 +53,6 @@ def recipe_differences(saved: Path, recipe: Recipe) -> list[str]:
     "key: <saved> then, <now> now", descriptive fields left out. The saved recipe is read through the schema
     when it still validates, so a field added to the schema since (at its default) is no difference."""
     import yaml
-
-    from linearize.config import load_recipe
 
     try:
         before = load_recipe(str(saved)).to_dict()
@@ -131,7 +129,7 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
         raise RecipeError(f"stage must be one of {', '.join(STAGES)}, got {only!r}")
     if (
         only == "logits"
-        and stage_steps(recipe, "attention")
+        and recipe.stage_steps("attention")
         and not checkpoint.is_complete(recipe.run_dir / "attention" / "final")
     ):
         raise RecipeError(
@@ -151,7 +149,7 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
     teacher, tokenizer = load_teacher(recipe.teacher.path, recipe.teacher.dtype)
     plan = plan_for(recipe.student, teacher.config)
     # The memory estimate of every stage about to run, refused here when one would not fit the device.
-    todo = [s for s in STAGES if stage_steps(recipe, s) and only in (None, s)]
+    todo = [s for s in STAGES if recipe.stage_steps(s) and only in (None, s)]
     todo = [s for s in todo if not checkpoint.is_complete(recipe.run_dir / s / "final")]
     preflight(recipe, teacher.config, todo, accelerator)
     splits = build_splits(recipe.data, tokenizer)
@@ -190,7 +188,7 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
     tokens: dict[str, int] = {}
     for stage in STAGES:
         cfg = getattr(recipe.stages, stage)
-        steps = stage_steps(recipe, stage)
+        steps = recipe.stage_steps(stage)
         stage_dir = run_dir / stage
         final = stage_dir / "final"
         if steps < cfg.steps:
@@ -277,14 +275,6 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
             run_eval_tasks(recipe, out, accelerator.device, accelerator.print)
     accelerator.print(f"exported to {out}")
     return out
-
-
-def stage_steps(recipe: Recipe, stage: str) -> int:
-    """Optimizer steps `stage` really runs: stage attention has none when `student.mixer=softmax` (no new
-    parameters to align), whatever the recipe says."""
-    if stage == "attention" and recipe.student.mixer == "softmax":
-        return 0
-    return getattr(recipe.stages, stage).steps
 
 
 def prepare_frozen_teacher(accelerator, teacher: torch.nn.Module, batch_size: int) -> torch.nn.Module:

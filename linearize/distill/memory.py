@@ -342,7 +342,7 @@ def count_parameters(model_config, recipe: Recipe, stage: str) -> ParameterCount
     from torch import nn
 
     from linearize.architectures.mixers import MIXER_CLASSES
-    from linearize.distill.stages import new_parameters
+    from linearize.distill.stages import fully_trained_parameters, new_parameters
 
     model, teacher_bytes = student_on_meta(model_config, recipe, stage)
     params = dict(model.named_parameters())
@@ -356,10 +356,8 @@ def count_parameters(model_config, recipe: Recipe, stage: str) -> ParameterCount
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in cfg.lora_targets:
                 lora += cfg.lora_r * (module.in_features + module.out_features)
-    elif cfg.trainable == "all":
-        trainable = set(params)
     else:
-        trainable = {n for n in params if ".self_attn." in n}
+        trainable = set(fully_trained_parameters(model, cfg.trainable))
     layers = model.model.layers
     names = {cls: name for name, cls in MIXER_CLASSES.items()}
     layer_bytes = max(_bytes(layer.parameters()) for layer in layers)

@@ -19,6 +19,13 @@ def new_parameters(model: torch.nn.Module) -> list[str]:
     return names
 
 
+def fully_trained_parameters(model: torch.nn.Module, trainable: str) -> list[str]:
+    """Full names of the parameters stage logits trains without LoRA: every attention parameter
+    (trainable="attention") or every parameter (trainable="all")."""
+    names = [n for n, _ in model.named_parameters()]
+    return names if trainable == "all" else [n for n in names if ".self_attn." in n]
+
+
 def freeze_all_but(model: torch.nn.Module, names: list[str]) -> None:
     wanted = set(names)
     for n, p in model.named_parameters():
@@ -96,8 +103,7 @@ def logits_stage(
                 f"stages.logits.trainable={cfg.trainable} needs a frozen teacher copy or a logit cache"
             )
         model = student
-        names = [n for n, _ in student.named_parameters()]
-        freeze_all_but(student, names if cfg.trainable == "all" else [n for n in names if ".self_attn." in n])
+        freeze_all_but(student, fully_trained_parameters(student, cfg.trainable))
         if frozen_teacher is not None:
             frozen_teacher.requires_grad_(False)
 
