@@ -197,7 +197,10 @@ class Mixer(nn.Module):
                 )
             out = self.student_forward(hidden_states, position_embeddings, attention_mask, None, **kwargs)
             self.alignment_loss = F.mse_loss(out.float(), target.float())
-            return target, None
+            # The loss is also returned where attention weights go (the decoder layer drops them): a sharding
+            # wrapper around this module (FSDP2) hooks its outputs, and only an output on the loss's path
+            # makes it gather this module's weights again before the loss's backward runs through o_proj.
+            return target, self.alignment_loss
         return self.student_forward(hidden_states, position_embeddings, attention_mask, cache, **kwargs), None
 
     def heads_out(self, out: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:

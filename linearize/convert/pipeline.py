@@ -146,7 +146,8 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
     set_seed(recipe.seed)
     check_run_dir(recipe)
     # Everything that can be wrong with the input is checked before the run folder is written to.
-    teacher, tokenizer = load_teacher(recipe.teacher.path, recipe.teacher.dtype)
+    teacher_source = (recipe.teacher.path, recipe.teacher.dtype)
+    teacher, tokenizer = load_teacher(*teacher_source)
     plan = plan_for(recipe.student, teacher.config)
     # The memory estimate of every stage about to run, refused here when one would not fit the device.
     todo = [s for s in STAGES if recipe.stage_steps(s) and only in (None, s)]
@@ -229,8 +230,12 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
                 accelerator=accelerator,
             )
             model = accelerator.unwrap_model(model)
-            if model is not student:  # LoRA: fold the adapters into the weights
+            if accelerator.is_fsdp2:  # sharded in place: its weights go into a plain copy (adapters merged)
+                student = whole_student(model, lambda: swap(load_teacher(*teacher_source)[0], plan))
+                student = student.to(accelerator.device)
+            elif model is not student:  # LoRA: fold the adapters into the weights
                 model.merge_and_unload()
+            del model
             student.requires_grad_(False)
             save_weights(student, final, recipe, is_main, accelerator.wait_for_everyone)
             accelerator.print(
@@ -238,11 +243,11 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
                 f"{result.seconds:.1f}s, last loss {result.last_loss:.4g}"
             )
         if splits.heldout:
-            evals.get(f"student_after_{stage}", lambda: ppl(student))
+            evals.get(f"student_after_{stage}", lambda model=student: ppl(model))
         if stage == "attention" and plan.get("auto_softmax"):
             apply_auto_plan(student, plan, splits.train, recipe, run_dir, is_main, accelerator.print)
             if splits.heldout:
-                evals.get("student_after_layer_plan", lambda: ppl(student))
+                evals.get("student_after_layer_plan", lambda model=student: ppl(model))
         if only == stage == "attention":
             done = f"stage 1 is in {final}" if steps else "stage 1 has nothing to do"
             accelerator.print(f"[attention] {done}; next: the same command with stage=logits")
@@ -275,6 +280,25 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
             run_eval_tasks(recipe, out, accelerator.device, accelerator.print)
     accelerator.print(f"exported to {out}")
     return out
+
+
+def whole_student(model: torch.nn.Module, build) -> torch.nn.Module:
+    """The student FSDP2 trained, whole again: FSDP2 shards a module in place (its parameters become shards,
+    its class and hooks FSDP's) and has no way back, so its full state dict is gathered on every process and
+    loaded into a fresh plain student from `build()`; a LoRA model's adapters are merged into it. Like
+    `unpartition` after ZeRO-3: evaluation, saving and export read whole weights, and the next stage's
+    prepare() shards the plain copy afresh."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    fresh = build()
+    lora = getattr(model, "peft_config", None)
+    if lora:
+        from peft import get_peft_model
+
+        fresh = get_peft_model(fresh, lora["default"])
+    fresh.load_state_dict(state)  # strict: the same plan builds the same parameters
+    return fresh.merge_and_unload() if lora else fresh
 
 
 def prepare_frozen_teacher(accelerator, teacher: torch.nn.Module, batch_size: int) -> torch.nn.Module:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from linearize.config import Recipe, StageConfig
+from linearize.config import Recipe, RecipeError, StageConfig
 from linearize.distill import checkpoint
 from linearize.distill.data import IndexedBlocks
 
@@ -115,10 +115,36 @@ def make_accelerator(recipe: Recipe):
     # The schedule counts optimizer steps of the global batch. By default accelerate steps a prepared
     # scheduler once per process per step (it assumes per-process schedules), which would run the
     # warmup and decay num_processes times too fast.
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision="bf16" if recipe.train.precision == "bf16" else "no",
         step_scheduler_with_optimizer=False,
     )
+    if accelerator.distributed_type.value == "FSDP" and not accelerator.is_fsdp2:
+        raise RecipeError(
+            "FSDP1 (fsdp_version: 1) is not supported: set fsdp_version: 2 in the accelerate config, or use "
+            "launch.accelerate_config=fsdp2 (the shipped FSDP2 config)"
+        )
+    return accelerator
+
+
+def shard_mixers_separately(accelerator, model: torch.nn.Module) -> None:
+    """Under FSDP2, make every mixer (self_attn) an FSDP unit of its own, inside its decoder layer's:
+    stage attention's loss leaves a mixer through its second output (see `Mixer.forward`), and FSDP2 gathers
+    a unit's weights for backward only when a gradient reaches one of the unit's outputs."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    from linearize.architectures.mixers import mixers
+
+    plugin = accelerator.state.fsdp_plugin
+    policy = plugin.auto_wrap_policy  # the function, or the partial of it a previous prepare() made
+    if getattr(policy, "func", policy) is not transformer_auto_wrap_policy:
+        raise RecipeError(
+            "under FSDP2 linearize needs fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP in the accelerate config "
+            "(each decoder layer and each mixer its own unit), as the shipped fsdp2 config has"
+        )
+    names = plugin.transformer_cls_names_to_wrap or list(getattr(model, "_no_split_modules", None) or [])
+    wanted = sorted({type(m).__name__ for m in mixers(model)} - set(names))
+    plugin.transformer_cls_names_to_wrap = [*names, *wanted]
 
 
 def train_stage(
@@ -161,7 +187,11 @@ def train_stage(
             train_batch_size=per_process * accelerator.num_processes,
             gradient_clipping=cfg.max_grad_norm,
         )
+    if accelerator.is_fsdp2:
+        shard_mixers_separately(accelerator, model)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # FSDP2 shards in place: the parameters the optimizer steps (and whose norm is clipped) are new objects
+    params = [p for p in model.parameters() if p.requires_grad]
     rank = accelerator.process_index
     if source is None:  # in-memory blocks: batches are a pure function of (seed, step)
         source = IndexedBlocks(blocks, recipe.seed, per_process, rank, accelerator.num_processes)

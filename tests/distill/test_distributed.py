@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -24,9 +25,13 @@ GLOBAL_BATCH = 4
 RTOL = 1e-5  # fp32; the 2-process mean of two half-batch losses differs from the whole-batch mean by rounding
 
 
-def distill(run, processes: int, stage: str, fault: str = "") -> str:
+FSDP_WORKER = str(Path(__file__).with_name("fsdp_worker.py"))
+
+
+def distill(run, processes: int, stage: str, fault: str = "", fsdp: bool = False, extra=()) -> str:
+    """`linearize distill` on 1 or 2 CPU ranks; fsdp: through accelerate's FSDP2 path (see fsdp_worker.py)."""
     per_process = GLOBAL_BATCH // processes
-    args = [*COMMON, f"output_dir={run}", f"stage={stage}"]
+    args = [*COMMON, f"output_dir={run}", f"stage={stage}", *extra]
     args += [f"stages.attention.batch_size={per_process}", f"stages.logits.batch_size={per_process}"]
     launcher = [sys.executable, "-m", "linearize"]
     if processes > 1:  # `accelerate launch --cpu` would start a single process: torchrun starts real ranks
@@ -37,7 +42,7 @@ def distill(run, processes: int, stage: str, fault: str = "") -> str:
             "--standalone",
             f"--nproc_per_node={processes}",
         ]
-        launcher += ["-m", "linearize"]
+        launcher += [FSDP_WORKER] if fsdp else ["-m", "linearize"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     env.pop(FAULT_ENV, None)
     if fault:
@@ -98,3 +103,61 @@ def test_a_killed_rank_costs_only_the_steps_since_the_last_checkpoint(runs, tmp_
     assert losses(run, "attention") == pytest.approx(losses(reference, "attention"), rel=RTOL)
     ours, theirs = (load_file(r / "attention" / "final" / "model.safetensors") for r in (run, reference))
     assert all((ours[name] - theirs[name]).abs().max() <= 1e-5 for name in theirs)
+
+
+# ---- FSDP2: accelerate enables it only on GPU ranks; fsdp_worker.py runs its code path on CPU ranks ----
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("fsdp") / "run"
+    printed = [distill(run, 2, stage, fsdp=True) for stage in ("attention", "logits")]
+    return run, printed
+
+
+def final_weights(run, stage=None):
+    return load_file((run / stage / "final" if stage else run / "final") / "model.safetensors")
+
+
+def assert_same_weights(ours: dict, theirs: dict, atol: float = 1e-5) -> None:
+    assert ours.keys() == theirs.keys()
+    worst = max((ours[name] - theirs[name]).abs().max().item() for name in theirs)
+    assert worst <= atol, worst
+
+
+def test_fsdp2_student_gives_the_one_process_losses_and_export(runs, fsdp_run):
+    """Sharded student (each decoder layer and each mixer an FSDP2 unit), sharded frozen teacher copy
+    (trainable=attention), sharded checkpoints: both stages' losses and the exported weights are the
+    one-process run's. Stage 1 needs its loss to leave each mixer as an output (FSDP2 gathers a unit's weights
+    for backward only then); clipping must see the sharded parameters, not the ones from before prepare()."""
+    run, printed = fsdp_run
+    assert all("processes=2 backend=gloo" in text and "distributed=FSDP" in text for text in printed)
+    one = runs[1][0]
+    for stage in ("attention", "logits"):
+        assert losses(run, stage) == pytest.approx(losses(one, stage), rel=RTOL)
+    assert_same_weights(final_weights(run, "attention"), final_weights(one, "attention"))
+    assert_same_weights(final_weights(run), final_weights(one))
+
+
+def test_fsdp2_lora_stage_merges_the_gathered_adapters(tmp_path):
+    """trainable=lora under FSDP2: the sharded PEFT model is gathered into a plain student, adapters merged,
+    and the export equals the one-process run's."""
+    extra = ["stages.logits.trainable=lora"]
+    for name, processes in (("one", 1), ("fsdp", 2)):
+        for stage in ("attention", "logits"):
+            distill(tmp_path / name, processes, stage, fsdp=processes > 1, extra=extra)
+    assert losses(tmp_path / "fsdp", "logits") == pytest.approx(losses(tmp_path / "one", "logits"), rel=RTOL)
+    assert_same_weights(final_weights(tmp_path / "fsdp"), final_weights(tmp_path / "one"))
+
+
+def test_fsdp2_killed_rank_resumes_from_the_sharded_checkpoint(fsdp_run, tmp_path):
+    """Rank 1 killed mid-step 3 of stage 2 under FSDP2: the rerun loads checkpoint 2 (sharded model and
+    optimizer state) and ends where the uninterrupted FSDP2 run does."""
+    run = tmp_path / "run"
+    distill(run, 2, "attention", fsdp=True)
+    distill(run, 2, "logits", fault="logits:3:mid@1", fsdp=True)
+    printed = distill(run, 2, "logits", fsdp=True)
+    assert "resuming from" in printed and "step 2/4" in printed
+    reference = fsdp_run[0]
+    assert losses(run, "logits") == pytest.approx(losses(reference, "logits"), rel=RTOL)
+    assert_same_weights(final_weights(run), final_weights(reference))
