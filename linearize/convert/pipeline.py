@@ -138,6 +138,13 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
         )
 
     accelerator = make_accelerator(recipe)
+    if accelerator.state.deepspeed_plugin is not None:
+        # accelerate's ZeRO-3 plugin turns on transformers' zero.Init: every model built or loaded from here
+        # on (the teacher, the meta-device student of the memory estimate, the exported model) would come up
+        # partitioned. linearize swaps mixers into a whole teacher and lets prepare() partition the student.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     is_main = accelerator.is_main_process
     accelerator.print(
         f"processes={accelerator.num_processes} backend={accelerator.state.backend or 'none'} "

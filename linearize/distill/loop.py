@@ -22,21 +22,25 @@ from linearize.distill.data import IndexedBlocks
 # Test hook: "STAGE:STEP[:WHEN][@RANK]" makes the process (only rank RANK, if given) SIGKILL itself at
 # optimizer step STEP: WHEN is "after" (the step is done; the default), "mid" (gradients computed, the
 # optimizer not yet stepped) or "save" (while writing that step's checkpoint, before it is complete).
-# Tests check that a rerun resumes to the same result as an uninterrupted run.
+# Tests check that a rerun resumes to the same result as an uninterrupted run. WHEN "nan" instead makes
+# the loss of that step's last micro-batch NaN (the non-finite-loss handling, on any backend).
 FAULT_ENV = "LINEARIZE_FAULT_AFTER_STEP"
 
 
 def _fault_hook(name: str, rank: int):
-    """A function `(step, when)` that kills this process where FAULT_ENV says, else does nothing."""
+    """A function `(step, when)` that kills this process where FAULT_ENV says (or, for when="nan", says
+    whether to poison the loss there)."""
     spec = os.environ.get(FAULT_ENV, "")
     where, _, only_rank = spec.partition("@")
     stage, _, rest = where.partition(":")
     step, _, when = rest.partition(":")
     armed = stage == name and (not only_rank or int(only_rank) == rank)
 
-    def hook(done: int, at: str) -> None:
-        if armed and int(step) == done and (when or "after") == at:
+    def hook(done: int, at: str) -> bool:
+        hit = armed and int(step) == done and (when or "after") == at
+        if hit and at != "nan":
             os.kill(os.getpid(), signal.SIGKILL)
+        return hit
 
     return hook
 
@@ -232,9 +236,13 @@ def train_stage(
             last = micro == cfg.grad_accum - 1
             # under DeepSpeed, accelerator.backward() steps the engine when sync_gradients is set
             accelerator.sync_gradients = last
-            with nullcontext() if last else accelerator.no_sync(model):
+            # FSDP2 reduce-scatters every micro-batch: under no_sync it would hold whole (unsharded) gradients
+            # of every parameter until the last one, outside anything zero_grad() clears after a skipped step
+            with nullcontext() if last or accelerator.is_fsdp2 else accelerator.no_sync(model):
                 with accelerator.autocast():
                     loss = loss_fn(model, batch)
+                if last and fault(step + 1, "nan"):
+                    loss = loss * float("nan")
                 # every rank learns whether any rank's loss is bad, so all stop together (no rank hangs)
                 bad = accelerator.reduce(torch.isfinite(loss.detach()).logical_not().float(), reduction="sum")
                 if bad.item():
@@ -256,6 +264,8 @@ def train_stage(
         fault(step + 1, "mid")
         if skip:  # every rank saw the same all-reduced verdict: no rank steps, none waits
             skipped += 1
+            if plugin is not None:
+                drop_deepspeed_gradients(model)
             accelerator.print(f"[{name}] skipped ({skipped}/{recipe.train.skip_nonfinite}): {skip}")
         else:
             if cfg.max_grad_norm > 0:
@@ -290,11 +300,36 @@ def train_stage(
     return StageResult(cfg.steps, cfg.steps * tokens_per_step, last_loss, time.perf_counter() - began)
 
 
+def drop_deepspeed_gradients(engine) -> None:
+    """Forget what the micro-batches of a skipped step accumulated in a DeepSpeed engine, as the engine's own
+    overflow handling does: the engine steps (and then clears) only on a step's last micro-batch, and
+    accelerate's optimizer.zero_grad() does nothing under DeepSpeed, so they would be added to the next step.
+    ZeRO-3's zero_grad() also restarts accumulation; ZeRO-1/2 keep the sums so far, reduced partitions and a
+    micro-step count of their own, reset here as their step() does on an overflow."""
+    optimizer = engine.optimizer
+    optimizer.zero_grad(set_to_none=True)
+    if engine.zero_optimization_stage() in (1, 2):
+        from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+        optimizer._release_preflattened_grad_buffers()
+        if optimizer.cpu_offload:
+            optimizer.reset_cpu_buffers()
+        for held in (optimizer.averaged_gradients, optimizer.all_grad_tensors):  # reduced; summed so far
+            for group in held:
+                held[group] = None
+        optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
+
+
 def unpartition(model: torch.nn.Module) -> None:
     """Put whole, plain parameters in place of those a ZeRO-3 engine left partitioned (every process
     holding a slice; its engine is gone after `accelerator.free_memory()`), as the model was before
     `prepare()`: evaluation, saving and export read whole weights, and the next stage's engine partitions
-    them afresh. Each module's parameters are gathered in turn, on every process; tied ones stay tied."""
+    them afresh. Each module's parameters are gathered in turn, on every process; tied ones stay tied.
+    ZeRO-1/2 leave the trained parameters whole but as views into one flat buffer of the engine's, which
+    safetensors refuses to save: each gets its own storage back."""
+    for p in model.parameters():
+        if not hasattr(p, "ds_id") and p.untyped_storage().nbytes() > p.numel() * p.element_size():
+            p.data = p.data.clone()
     if not any(hasattr(p, "ds_id") for p in model.parameters()):
         return
     import deepspeed

@@ -274,6 +274,11 @@ class MemoryEstimate:
     """steps * batch_size * grad_accum * num_processes * seq_len."""
     device_memory: int | None = None
     """Memory of one device the estimate is checked against, when known."""
+    whole_model: int = 0
+    """Outside the training steps every process holds the whole model on its device: the teacher when it is
+    loaded, evaluated and writes the logit cache, the student when it is gathered after the stage, evaluated
+    and exported (sharded loading, evaluation and export are not implemented). The student's weights as
+    stored; checked with `runtime` against the device apart from `total`."""
 
     PARTS: ClassVar[tuple[str, ...]] = (
         "weights",
@@ -452,14 +457,26 @@ def estimate(
         steps=cfg.steps,
         tokens=cfg.steps * cfg.batch_size * cfg.grad_accum * n * recipe.data.seq_len,
         device_memory=device_memory_bytes,
+        whole_model=max(counts.weight_bytes, counts.teacher_bytes),
     )
 
 
 def check_fits(est: MemoryEstimate, available_bytes: int | None = None) -> None:
     """Raise MemoryBudgetError when `est.total` exceeds the device memory (`available_bytes`, else the one
-    the estimate was made for); naming the total, the memory and the fixes."""
+    the estimate was made for), naming the total, the memory and the fixes; or when the whole model (which
+    every device holds outside the training steps, see `MemoryEstimate.whole_model`) does not fit."""
     available = available_bytes if available_bytes is not None else est.device_memory
-    if available is None or est.total <= available:
+    if available is None:
+        return
+    if est.total <= available:
+        if est.whole_model + est.runtime > available:
+            raise MemoryBudgetError(
+                f"stage {est.stage}: the whole model ({size(est.whole_model)} of weights) does not fit a device "
+                f"({size(available)}). Training shards it ({est.sharding.name}), but linearize still holds the "
+                "whole model on every device to load and evaluate the teacher, write the logit cache, and gather, "
+                "evaluate and export the student after each stage: sharded loading, evaluation and export are not "
+                "implemented yet. Use devices with more memory than the model, or a smaller teacher"
+            )
         return
     stage = est.stage
     fixes = [

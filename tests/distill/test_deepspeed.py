@@ -3,8 +3,8 @@ give the one-process loss curve and weights of both stages for the same global b
 frozen teacher of stage logits (trainable=attention) is a sharded engine of its own, and the student is
 whole again on every rank after each stage.
 
-accelerate cannot run DeepSpeed on CPU (every rank would run alone), so deepspeed_worker.py drives the
-engines the way accelerate does in our loop; the accelerate path itself needs a GPU."""
+deepspeed_worker.py drives the engines directly, the way accelerate does in our loop; the accelerate path
+itself (`linearize distill` under ZeRO-2/3) is checked in test_distributed.py through backend_worker.py."""
 
 import json
 import os

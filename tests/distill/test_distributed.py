@@ -25,14 +25,16 @@ GLOBAL_BATCH = 4
 RTOL = 1e-5  # fp32; the 2-process mean of two half-batch losses differs from the whole-batch mean by rounding
 
 
-FSDP_WORKER = str(Path(__file__).with_name("fsdp_worker.py"))
+BACKEND_WORKER = str(Path(__file__).with_name("backend_worker.py"))
 
 
-def distill(run, processes: int, stage: str, fault: str = "", fsdp: bool = False, extra=()) -> str:
-    """`linearize distill` on 1 or 2 CPU ranks; fsdp: through accelerate's FSDP2 path (see fsdp_worker.py)."""
+def distill(run, processes: int, stage: str, fault: str = "", backend: str = "", extra=()) -> str:
+    """`linearize distill` on 1 or 2 CPU ranks; backend fsdp2, zero2 or zero3: through accelerate's FSDP2 or
+    DeepSpeed path (see backend_worker.py), else DDP."""
     per_process = GLOBAL_BATCH // processes
     args = [*COMMON, f"output_dir={run}", f"stage={stage}", *extra]
     args += [f"stages.attention.batch_size={per_process}", f"stages.logits.batch_size={per_process}"]
+    args = [f"{k}={v}" for k, v in dict(a.split("=", 1) for a in args).items()]  # a later value wins
     launcher = [sys.executable, "-m", "linearize"]
     if processes > 1:  # `accelerate launch --cpu` would start a single process: torchrun starts real ranks
         launcher = [
@@ -42,13 +44,15 @@ def distill(run, processes: int, stage: str, fault: str = "", fsdp: bool = False
             "--standalone",
             f"--nproc_per_node={processes}",
         ]
-        launcher += [FSDP_WORKER] if fsdp else ["-m", "linearize"]
+        launcher += [BACKEND_WORKER] if backend else ["-m", "linearize"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    env |= {"LINEARIZE_TEST_BACKEND": backend, "DS_ACCELERATOR": "cpu"} if backend else {}
     env.pop(FAULT_ENV, None)
     if fault:
         env[FAULT_ENV] = fault
     done = subprocess.run([*launcher, "distill", *args], capture_output=True, text=True, env=env, timeout=600)
-    assert (done.returncode != 0) == bool(fault), done.stdout[-3000:] + done.stderr[-3000:]
+    killed = bool(fault) and not fault.partition("@")[0].endswith(":nan")  # a NaN loss is skipped, not fatal
+    assert (done.returncode != 0) == killed, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
 
@@ -105,13 +109,14 @@ def test_a_killed_rank_costs_only_the_steps_since_the_last_checkpoint(runs, tmp_
     assert all((ours[name] - theirs[name]).abs().max() <= 1e-5 for name in theirs)
 
 
-# ---- FSDP2: accelerate enables it only on GPU ranks; fsdp_worker.py runs its code path on CPU ranks ----
+# ---- FSDP2 and DeepSpeed: accelerate enables them only on GPU ranks; backend_worker.py runs their code
+# paths on CPU ranks ----
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("fsdp") / "run"
-    printed = [distill(run, 2, stage, fsdp=True) for stage in ("attention", "logits")]
+    printed = [distill(run, 2, stage, backend="fsdp2") for stage in ("attention", "logits")]
     return run, printed
 
 
@@ -145,7 +150,7 @@ def test_fsdp2_lora_stage_merges_the_gathered_adapters(tmp_path):
     extra = ["stages.logits.trainable=lora"]
     for name, processes in (("one", 1), ("fsdp", 2)):
         for stage in ("attention", "logits"):
-            distill(tmp_path / name, processes, stage, fsdp=processes > 1, extra=extra)
+            distill(tmp_path / name, processes, stage, backend="fsdp2" if processes > 1 else "", extra=extra)
     assert losses(tmp_path / "fsdp", "logits") == pytest.approx(losses(tmp_path / "one", "logits"), rel=RTOL)
     assert_same_weights(final_weights(tmp_path / "fsdp"), final_weights(tmp_path / "one"))
 
@@ -154,10 +159,57 @@ def test_fsdp2_killed_rank_resumes_from_the_sharded_checkpoint(fsdp_run, tmp_pat
     """Rank 1 killed mid-step 3 of stage 2 under FSDP2: the rerun loads checkpoint 2 (sharded model and
     optimizer state) and ends where the uninterrupted FSDP2 run does."""
     run = tmp_path / "run"
-    distill(run, 2, "attention", fsdp=True)
-    distill(run, 2, "logits", fault="logits:3:mid@1", fsdp=True)
-    printed = distill(run, 2, "logits", fsdp=True)
+    distill(run, 2, "attention", backend="fsdp2")
+    distill(run, 2, "logits", fault="logits:3:mid@1", backend="fsdp2")
+    printed = distill(run, 2, "logits", backend="fsdp2")
     assert "resuming from" in printed and "step 2/4" in printed
     reference = fsdp_run[0]
     assert losses(run, "logits") == pytest.approx(losses(reference, "logits"), rel=RTOL)
     assert_same_weights(final_weights(run), final_weights(reference))
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_accelerate_deepspeed_gives_the_one_process_losses_and_export(runs, zero, tmp_path):
+    """accelerate + DeepSpeed ZeRO-2/3 through `linearize distill`: both stages' losses and the export are the
+    one-process run's. ZeRO-3 would otherwise build every model partitioned (transformers' zero.Init), and
+    ZeRO-1/2 leave the trained weights as views of one flat buffer, which safetensors refuses to save."""
+    printed = [distill(tmp_path, 2, stage, backend=zero) for stage in ("attention", "logits")]
+    assert all("processes=2 backend=gloo" in text and "distributed=DEEPSPEED" in text for text in printed)
+    assert f"ZeRO-{zero[-1]}, 2 processes" in printed[0]
+    one = runs[1][0]
+    for stage in ("attention", "logits"):
+        assert losses(tmp_path, stage) == pytest.approx(losses(one, stage), rel=RTOL)
+    assert_same_weights(final_weights(tmp_path), final_weights(one))
+
+
+def test_deepspeed_killed_rank_resumes_from_the_engine_checkpoint(runs, tmp_path):
+    """Rank 0 killed mid-step 3 of stage 1 under ZeRO-3: the rerun loads the engine's checkpoint 2 and ends
+    where the uninterrupted one-process run does."""
+    distill(tmp_path, 2, "attention", fault="attention:3:mid@0", backend="zero3")
+    printed = distill(tmp_path, 2, "attention", backend="zero3")
+    assert "resuming from" in printed and "step 2/4" in printed
+    one = runs[1][0]
+    assert losses(tmp_path, "attention") == pytest.approx(losses(one, "attention"), rel=RTOL)
+    assert_same_weights(final_weights(tmp_path, "attention"), final_weights(one, "attention"))
+
+
+@pytest.fixture(scope="module")
+def skipped_reference(tmp_path_factory):
+    run = tmp_path_factory.mktemp("skip") / "one"
+    distill(run, 1, "logits", fault=SKIPPED_FAULT, extra=SKIPPED_STEP)
+    return run
+
+
+SKIPPED_STEP = ["stages.attention.steps=0", "stages.logits.grad_accum=2", "train.skip_nonfinite=1"]
+SKIPPED_FAULT = "logits:2:nan"  # the last micro-batch of step 2 has a NaN loss, on every rank
+
+
+@pytest.mark.parametrize("backend", ["", "fsdp2", "zero2", "zero3"])
+def test_a_skipped_step_leaves_no_gradient_behind(skipped_reference, backend, tmp_path):
+    """train.skip_nonfinite with 2 micro-batches a step: step 2's first micro-batch has been backpropagated
+    when its second turns out NaN. The skipped step must not leak that gradient into step 3, on any backend;
+    under DeepSpeed accelerate's zero_grad() does nothing and the engine accumulates on its own."""
+    printed = distill(tmp_path, 2, "logits", fault=SKIPPED_FAULT, backend=backend, extra=SKIPPED_STEP)
+    assert "[logits] skipped (1/1)" in printed and "at step 2 (micro-batch 1)" in printed
+    assert losses(tmp_path, "logits") == pytest.approx(losses(skipped_reference, "logits"), rel=RTOL)
+    assert_same_weights(final_weights(tmp_path), final_weights(skipped_reference))

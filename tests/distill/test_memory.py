@@ -289,7 +289,13 @@ def test_a_72b_teacher_on_one_unsharded_device_is_refused():
         check_fits(est)
     shipped = load_recipe("qwen-72b-to-linear")  # 4 nodes x 8 processes, FSDP2
     for stage in ("attention", "logits"):
-        check_fits(estimate(config, shipped, stage, shipped.launch.num_processes, 80 * GiB))
+        sharded = estimate(config, shipped, stage, shipped.launch.num_processes, 80 * GiB)
+        assert sharded.total < 80 * GiB  # the training steps fit, sharded over 32 devices
+        # but every device holds the whole model to load, evaluate and export it: refused, saying so
+        with pytest.raises(
+            MemoryBudgetError, match=r"the whole model \(13\d GiB of weights\) does not fit"
+        ):
+            check_fits(sharded)
 
 
 def test_convert_prints_the_estimate_and_refuses_a_run_that_does_not_fit(tmp_path, capsys):
