@@ -292,9 +292,7 @@ def test_a_72b_teacher_on_one_unsharded_device_is_refused():
         sharded = estimate(config, shipped, stage, shipped.launch.num_processes, 80 * GiB)
         assert sharded.total < 80 * GiB  # the training steps fit, sharded over 32 devices
         # but every device holds the whole model to load, evaluate and export it: refused, saying so
-        with pytest.raises(
-            MemoryBudgetError, match=r"the whole model \(13\d GiB of weights\) does not fit"
-        ):
+        with pytest.raises(MemoryBudgetError, match=r"the whole model \(13\d GiB of weights\) does not fit"):
             check_fits(sharded)
 
 
