@@ -355,27 +355,29 @@ def deepspeed_frozen_teacher(teacher, student_config: dict, batch_size: int, pro
 
 
 def teacher_logit_cache(teacher, blocks, recipe: Recipe, run_dir: Path, accelerator) -> LogitCache:
-    """Write (or finish, after a kill) the teacher's top-k logit cache over the training blocks on the main
-    process; every process then reads it."""
+    """Write (or finish, after a kill) the teacher's top-k logit cache over the training blocks, every
+    process its share of the shards with its own (whole) teacher; every process then reads all of it."""
     cfg = recipe.stages.logits
     folder = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "logit_cache"
-    if accelerator.is_main_process:
-        began = time.perf_counter()
-        write_logit_cache(
-            teacher,
-            blocks,
-            folder,
-            k=cfg.cache_k,
-            batch_size=cfg.batch_size,
-            teacher_name=recipe.teacher.path,
-        )
-        size = sum(p.stat().st_size for p in folder.iterdir())
-        accelerator.print(
-            f"[logits] teacher top-{cfg.cache_k} logit cache: {folder}, {size / 2**20:.1f} MiB for "
-            f"{blocks.numel():,} tokens ({size / blocks.numel():.0f} B/token), {time.perf_counter() - began:.1f}s"
-        )
-    accelerator.wait_for_everyone()
-    return LogitCache(folder)
+    began = time.perf_counter()
+    cache = write_logit_cache(
+        teacher,
+        blocks,
+        folder,
+        k=cfg.cache_k,
+        batch_size=cfg.batch_size,
+        teacher_name=recipe.teacher.path,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        barrier=accelerator.wait_for_everyone,
+    )
+    size = sum(p.stat().st_size for p in folder.iterdir())
+    accelerator.print(
+        f"[logits] teacher top-{cfg.cache_k} logit cache: {folder}, {size / 2**20:.1f} MiB for "
+        f"{blocks.numel():,} tokens ({size / blocks.numel():.0f} B/token), {time.perf_counter() - began:.1f}s "
+        f"on {accelerator.num_processes} process(es)"
+    )
+    return cache
 
 
 RANKING_BLOCKS = 16  # training blocks the layer ranking of an auto:N plan averages over

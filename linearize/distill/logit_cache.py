@@ -203,6 +203,9 @@ def write_logit_cache(
     shard_blocks: int = 64,
     batch_size: int = 4,
     teacher_name: str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier=lambda: None,
 ) -> LogitCache:
     """Write (or finish writing) the cache of `teacher`'s top-k logits on `blocks` [num_blocks, seq_len].
 
@@ -210,6 +213,11 @@ def write_logit_cache(
     other blocks, another k or another teacher is a `LogitCacheError`. `teacher_name` (default: the
     config's `_name_or_path`) is recorded for messages only; the config hash and a re-run of the teacher
     on one stored block decide whether the teacher matches.
+
+    On several processes every one calls it with its `rank`, the `world_size` and a `barrier`: rank 0
+    writes (or checks) the manifest, then each process writes shards rank, rank + world_size, ... with its
+    own teacher, so the cache takes 1/world_size of the time and no process waits long at a barrier. The
+    files are the ones a single process writes.
     """
     if teacher.training:
         raise ValueError("the teacher is in training mode (dropout would randomise the cache): call .eval()")
@@ -229,17 +237,18 @@ def write_logit_cache(
         hashes, blocks.shape[1], k, vocab_size, shard_blocks, teacher_identity(teacher, teacher_name)
     )
     manifest_path = folder / MANIFEST
-    if manifest_path.is_file():
-        _check_matches(folder, json.loads(manifest_path.read_text()), wanted)
-    else:
+    if rank == 0 and not manifest_path.is_file():
         if folder.is_dir() and any(not p.name.startswith(TMP_PREFIX) for p in folder.iterdir()):
             raise LogitCacheError(
                 f"{folder} is not empty and holds no logit cache ({MANIFEST}); choose another folder"
             )
         folder.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(manifest_path, wanted)
+    barrier()  # from here on every process sees the manifest
+    _check_matches(folder, json.loads(manifest_path.read_text()), wanted)
 
-    existing = [s for s in wanted["shards"] if (folder / s["file"]).is_file()]
+    mine = wanted["shards"][rank::world_size]
+    existing = [s for s in mine if (folder / s["file"]).is_file()]
     for shard in existing:
         with safe_open(folder / shard["file"], framework="pt") as f:
             stored = f.get_tensor("block_hash").tolist()
@@ -251,7 +260,7 @@ def write_logit_cache(
     if existing:
         _probe_teacher(folder, existing[0], teacher, blocks[existing[0]["start"]])
 
-    for shard in wanted["shards"]:
+    for shard in mine:
         target = folder / shard["file"]
         if target.is_file():
             continue
@@ -263,8 +272,10 @@ def write_logit_cache(
         # byte-identical reruns
         save_file(tensors, tmp, metadata={"format": FORMAT})
         _replace_atomic(tmp, target)
-    for leftover in folder.glob(TMP_PREFIX + "*"):
-        leftover.unlink()
+    barrier()  # every shard is written
+    if rank == 0:
+        for leftover in folder.glob(TMP_PREFIX + "*"):
+            leftover.unlink()
     return LogitCache(folder)
 
 

@@ -213,3 +213,16 @@ def test_a_skipped_step_leaves_no_gradient_behind(skipped_reference, backend, tm
     assert "[logits] skipped (1/1)" in printed and "at step 2 (micro-batch 1)" in printed
     assert losses(tmp_path, "logits") == pytest.approx(losses(skipped_reference, "logits"), rel=RTOL)
     assert_same_weights(final_weights(tmp_path), final_weights(skipped_reference))
+
+
+def test_two_processes_split_the_logit_cache_and_give_the_one_process_losses(tmp_path):
+    """stages.logits.cache_k: each of 2 processes writes its share of the cache shards (no process waits at
+    a barrier while one writes it all); the files are the one-process cache's, and so are the losses."""
+    extra = ["stages.attention.steps=0", "stages.logits.cache_k=8", "stages.logits.temperature=1"]
+    printed = {n: distill(tmp_path / f"p{n}", n, "logits", extra=extra) for n in (1, 2)}
+    assert "on 2 process(es)" in printed[2]
+    one, two = (tmp_path / f"p{n}" / "logit_cache" for n in (1, 2))
+    names = sorted(p.name for p in one.iterdir())
+    assert len(names) > 2 and sorted(p.name for p in two.iterdir()) == names
+    assert all((one / name).read_bytes() == (two / name).read_bytes() for name in names)
+    assert losses(tmp_path / "p2", "logits") == pytest.approx(losses(tmp_path / "p1", "logits"), rel=RTOL)

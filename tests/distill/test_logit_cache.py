@@ -282,3 +282,50 @@ def test_convert_with_a_logit_cache_writes_it_once_and_needs_no_teacher_copy(tmp
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
     with pytest.raises(RecipeError, match="cache_k needs stages.logits.temperature=1"):
         load_recipe("tiny", {**overrides, "stages.logits.temperature": "2"})
+
+
+def test_processes_write_their_share_of_the_shards_into_the_same_files(
+    teacher_and_blocks, cache_dir, tmp_path, monkeypatch
+):
+    """Two processes (threads here, with a real barrier): rank 0 writes the manifest and shards 0 and 2,
+    rank 1 shard 1, each with its own teacher; the folder is byte-identical to the one-process cache, and a
+    rerun on two processes keeps it (each checks its own shards, none recomputes one)."""
+    import threading
+
+    teacher, blocks = teacher_and_blocks
+    folder = tmp_path / "two"
+    barrier = threading.Barrier(2, timeout=120)
+    computed: dict[str, list[int]] = {"rank0": [], "rank1": []}
+    errors = []
+    topk = logit_cache._teacher_topk
+
+    def recording_topk(teacher, part, *args):
+        computed[threading.current_thread().name].append(len(part))
+        return topk(teacher, part, *args)
+
+    monkeypatch.setattr(logit_cache, "_teacher_topk", recording_topk)
+
+    def rank(r: int) -> None:
+        try:
+            write_logit_cache(
+                teacher, blocks, folder, k=16, shard_blocks=SHARD, batch_size=3,
+                rank=r, world_size=2, barrier=barrier.wait,
+            )  # fmt: skip
+        except Exception as e:  # surfaced below; a failing thread must not leave the other one waiting
+            errors.append(e)
+            barrier.abort()
+
+    for round_ in range(2):  # the second round finds a complete cache
+        threads = [threading.Thread(target=rank, args=(r,), name=f"rank{r}") for r in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        # shards of 4, 4 and 2 blocks: rank 0 wrote the first and the last, rank 1 the middle one
+        assert computed == ({"rank0": [4, 2], "rank1": [4]} if round_ == 0 else {"rank0": [], "rank1": []})
+        names = sorted(p.name for p in cache_dir.iterdir())
+        assert sorted(p.name for p in folder.iterdir()) == names
+        for name in names:
+            assert (folder / name).read_bytes() == (cache_dir / name).read_bytes(), name
+        computed = {"rank0": [], "rank1": []}
