@@ -238,6 +238,9 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
             )
             model = accelerator.unwrap_model(model)
             if accelerator.is_fsdp2:  # sharded in place: its weights go into a plain copy (adapters merged)
+                accelerator.print(
+                    f"[{stage}] gathering the FSDP2-sharded student into a plain one on every process"
+                )
                 student = whole_student(model, lambda: swap(load_teacher(*teacher_source)[0], plan))
                 student = student.to(accelerator.device)
             elif model is not student:  # LoRA: fold the adapters into the weights
