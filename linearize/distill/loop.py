@@ -296,7 +296,8 @@ def train_stage(
         fault(done, "after")
     bar.close()
     accelerator.free_memory()
-    unpartition(module)
+    if plugin is not None:  # DeepSpeed left the weights partitioned (ZeRO-3) or in flat buffers (ZeRO-1/2)
+        unpartition(module)
     return StageResult(cfg.steps, cfg.steps * tokens_per_step, last_loss, time.perf_counter() - began)
 
 
