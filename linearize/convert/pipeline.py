@@ -250,7 +250,9 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
             save_weights(student, final, recipe, is_main, accelerator.wait_for_everyone)
             accelerator.print(
                 f"[{stage}] done: {result.steps} steps, {result.tokens:,} tokens, "
-                f"{result.seconds:.1f}s, last loss {result.last_loss:.4g}"
+                f"{result.seconds:.1f}s, last loss {result.last_loss:.4g}; {result.tokens_per_second:,.0f} tokens/s, "
+                f"peak memory {result.peak_memory / 2**30:.2f} GiB per device "
+                f"({'CUDA allocated' if accelerator.device.type == 'cuda' else 'process RSS'}, the largest process)"
             )
         if splits.heldout:
             evals.get(f"student_after_{stage}", lambda model=student: ppl(model))

@@ -88,6 +88,21 @@ class StageResult:
     tokens: int
     last_loss: float | None
     seconds: float
+    tokens_per_second: float = 0.0
+    """Over the steps this run made (a resumed stage counts from where it resumed), checkpoints included."""
+    peak_memory: int = 0
+    """Bytes, the largest over the processes: CUDA memory allocated at its peak during the stage, or on CPU
+    the process's peak resident memory so far (see `peak_memory`)."""
+
+
+def peak_memory(device: torch.device) -> int:
+    """This process's memory high-water mark: allocated CUDA memory since the last
+    `torch.cuda.reset_peak_memory_stats` on a GPU, else the peak resident set size of the process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 class MetricsLog:
@@ -217,6 +232,8 @@ def train_stage(
     global_batch = per_process * accelerator.num_processes
     tokens_per_step = global_batch * cfg.grad_accum * source.seq_len
     fault = _fault_hook(name, accelerator.process_index)
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
     began = time.perf_counter()
     model.train()
     bar = tqdm(
@@ -279,6 +296,7 @@ def train_stage(
         bar.set_postfix(loss=f"{last_loss:.4g}", tok_s=f"{tok_s:,.0f}", refresh=False)  # mininterval rules
         bar.update(1)
         if done % recipe.train.log_every == 0 or done == cfg.steps:
+            peak = peak_over_processes(accelerator)
             log.append(
                 {
                     "stage": name,
@@ -287,6 +305,7 @@ def train_stage(
                     "lr": scheduler.get_last_lr()[0],
                     "tokens": done * tokens_per_step,
                     "tok_s": tok_s,
+                    "peak_memory_gib": round(peak / 2**30, 3),
                     **({"skipped": skip} if skip else {}),
                 }
             )
@@ -298,7 +317,16 @@ def train_stage(
     accelerator.free_memory()
     if plugin is not None:  # DeepSpeed left the weights partitioned (ZeRO-3) or in flat buffers (ZeRO-1/2)
         unpartition(module)
-    return StageResult(cfg.steps, cfg.steps * tokens_per_step, last_loss, time.perf_counter() - began)
+    seconds = time.perf_counter() - began
+    rate = (cfg.steps - start) * tokens_per_step / max(seconds, 1e-9)
+    peak = peak_over_processes(accelerator)
+    return StageResult(cfg.steps, cfg.steps * tokens_per_step, last_loss, seconds, rate, peak)
+
+
+def peak_over_processes(accelerator) -> int:
+    """The largest `peak_memory` of any process (every process must call it)."""
+    mine = torch.tensor([peak_memory(accelerator.device)], device=accelerator.device, dtype=torch.float64)
+    return int(accelerator.gather(mine).max().item())
 
 
 def drop_deepspeed_gradients(engine) -> None:

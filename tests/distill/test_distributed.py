@@ -4,6 +4,7 @@ steps since the last checkpoint, and the rerun ends where an uninterrupted run d
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,19 @@ def test_every_run_says_how_many_processes_it_has(runs):
         backend = "gloo" if processes > 1 else "none"
         for text in printed:
             assert f"processes={processes} backend={backend}" in text
+
+
+def test_every_stage_reports_its_throughput_and_peak_memory(runs):
+    """The numbers a scale-out run is judged by: tokens/s and the largest process's peak memory, printed when
+    a stage ends and logged with every metrics line."""
+    for run, printed in runs.values():
+        for stage, text in zip(("attention", "logits"), printed):
+            match = re.search(
+                rf"\[{stage}\] done: .* ([\d,]+) tokens/s, peak memory ([\d.]+) GiB per device", text
+            )
+            assert match and float(match[1].replace(",", "")) > 0 and float(match[2]) > 0, text[-2000:]
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert all(r["peak_memory_gib"] > 0 and r["tok_s"] > 0 for r in records)
 
 
 @pytest.mark.parametrize("stage", ["attention", "logits"])
