@@ -468,32 +468,31 @@ def check_fits(est: MemoryEstimate, available_bytes: int | None = None) -> None:
     available = available_bytes if available_bytes is not None else est.device_memory
     if available is None:
         return
-    if est.total <= available:
-        if est.whole_model + est.runtime > available:
-            raise MemoryBudgetError(
-                f"stage {est.stage}: the whole model ({size(est.whole_model)} of weights) does not fit a device "
-                f"({size(available)}). Training shards it ({est.sharding.name}), but linearize still holds the "
-                "whole model on every device to load and evaluate the teacher, write the logit cache, and gather, "
-                "evaluate and export the student after each stage: sharded loading, evaluation and export are not "
-                "implemented yet. Use devices with more memory than the model, or a smaller teacher"
+    if est.total > available:
+        stage = est.stage
+        fixes = [
+            f"more processes (launch.processes / launch.nodes; now {est.num_processes})",
+            "shard weights, gradients and optimizer state: launch.accelerate_config=fsdp2 or zero3 "
+            f"(now {est.sharding.name})",
+            f"a smaller stages.{stage}.batch_size with a larger stages.{stage}.grad_accum (same tokens per step)",
+        ]
+        if est.frozen_teacher:
+            fixes.append(
+                "stages.logits.cache_k=32: teacher logits from a disk cache instead of a frozen teacher copy"
             )
-        return
-    stage = est.stage
-    fixes = [
-        f"more processes (launch.processes / launch.nodes; now {est.num_processes})",
-        "shard weights, gradients and optimizer state: launch.accelerate_config=fsdp2 or zero3 "
-        f"(now {est.sharding.name})",
-        f"a smaller stages.{stage}.batch_size with a larger stages.{stage}.grad_accum (same tokens per step)",
-    ]
-    if est.frozen_teacher:
-        fixes.append(
-            "stages.logits.cache_k=32: teacher logits from a disk cache instead of a frozen teacher copy"
+        fixes.append("train.precision=bf16 and teacher.dtype=bfloat16")
+        raise MemoryBudgetError(
+            f"stage {stage} needs ~{size(est.total)} per device ({est.parts()}) but a device has "
+            f"{size(available)}; fixes: " + "; ".join(fixes)
         )
-    fixes.append("train.precision=bf16 and teacher.dtype=bfloat16")
-    raise MemoryBudgetError(
-        f"stage {stage} needs ~{size(est.total)} per device ({est.parts()}) but a device has "
-        f"{size(available)}; fixes: " + "; ".join(fixes)
-    )
+    if est.whole_model + est.runtime > available:
+        raise MemoryBudgetError(
+            f"stage {est.stage}: the whole model ({size(est.whole_model)} of weights) does not fit a device "
+            f"({size(available)}). Training shards it ({est.sharding.name}), but linearize still holds the "
+            "whole model on every device to load and evaluate the teacher, write the logit cache, and gather, "
+            "evaluate and export the student after each stage: sharded loading, evaluation and export are not "
+            "implemented yet. Use devices with more memory than the model, or a smaller teacher"
+        )
 
 
 def device_memory(device, processes_per_node: int = 1) -> int:
