@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from linearize.architectures.mixers import keep_softmax
+from linearize.architectures.mixers import keep_softmax, mode
 from linearize.config import Recipe, RecipeError, load_recipe
 from linearize.convert.export import export, hardware
+from linearize.convert.sharded import ShardedStudent, WholeStudent, load_empty
 from linearize.convert.swap import plan_for, swap
 from linearize.convert.teachers import load_teacher
 from linearize.distill import checkpoint
@@ -146,6 +147,7 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
 
         unset_hf_deepspeed_config()
     is_main = accelerator.is_main_process
+    sharded = accelerator.is_fsdp2  # the model whole on no device: see linearize.convert.sharded
     accelerator.print(
         f"processes={accelerator.num_processes} backend={accelerator.state.backend or 'none'} "
         f"device={accelerator.device} distributed={accelerator.distributed_type.value}"
@@ -153,8 +155,14 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
     set_seed(recipe.seed)
     check_run_dir(recipe)
     # Everything that can be wrong with the input is checked before the run folder is written to.
-    teacher_source = (recipe.teacher.path, recipe.teacher.dtype)
-    teacher, tokenizer = load_teacher(*teacher_source)
+    teacher, tokenizer = load_teacher(
+        recipe.teacher.path, recipe.teacher.dtype, empty=sharded and not is_main
+    )
+    if sharded:
+        accelerator.print(
+            f"[fsdp2] rank 0 holds the whole model in CPU memory; the other {accelerator.num_processes - 1} "
+            "process(es) build it empty and receive their shards from rank 0"
+        )
     plan = plan_for(recipe.student, teacher.config)
     # The memory estimate of every stage about to run, refused here when one would not fit the device.
     todo = [s for s in STAGES if recipe.stage_steps(s) and only in (None, s)]
@@ -168,31 +176,57 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
         f"data: {'a stream of' if splits.streaming else splits.train.shape[0]} training blocks of "
         f"{splits.train.shape[1]} tokens, {len(splits.heldout)} held-out documents"
     )
-    teacher = teacher.to(accelerator.device)
 
     def ppl(model):
         return perplexity(
-            model, splits.heldout, recipe.eval.seq_len, recipe.eval.batch_size, recipe.eval.max_blocks
+            model,
+            splits.heldout,
+            recipe.eval.seq_len,
+            recipe.eval.batch_size,
+            recipe.eval.max_blocks,
+            split=sharded,
         )
 
-    if splits.heldout:
-        evals.get("teacher", lambda: ppl(teacher))
     prompt = sample_prompt(splits, tokenizer)
-    teacher_sample = greedy_sample(teacher, tokenizer, prompt)
     logits_cfg = recipe.stages.logits
-    cache = None
     logits_done = checkpoint.is_complete(run_dir / "logits" / "final")
-    if logits_cfg.cache_k and logits_cfg.steps and only != "attention" and not logits_done:
-        cache = teacher_logit_cache(teacher, splits.train, recipe, run_dir, accelerator)
+    wants_cache = bool(logits_cfg.cache_k and logits_cfg.steps and only != "attention" and not logits_done)
     # trainable=attention|all moves the teacher's own weights: its logits come from an untouched copy
-    needs_copy = logits_cfg.trainable != "lora" and cache is None and only != "attention"
-    frozen = None
-    if needs_copy and not logits_done:  # prepared now: under ZeRO-3 or FSDP2 it is sharded from here on
-        frozen = prepare_frozen_teacher(accelerator, copy.deepcopy(teacher), logits_cfg.batch_size)
+    needs_copy = logits_cfg.trainable != "lora" and not logits_cfg.cache_k and only != "attention"
+    frozen = copy.deepcopy(teacher) if needs_copy and not logits_done else None
+    if not sharded:
+        # the teacher whole on every device: evaluated, sampled and cached before it becomes the student
+        teacher = teacher.to(accelerator.device)
+        if splits.heldout:
+            evals.get("teacher", lambda: ppl(teacher))
+        teacher_sample = greedy_sample(teacher, tokenizer, prompt)
+        cache = (
+            teacher_logit_cache(teacher, splits.train, recipe, run_dir, accelerator) if wants_cache else None
+        )
+        if frozen is not None:
+            frozen = frozen.to(accelerator.device)
     torch.manual_seed(recipe.seed)  # new parameters' init
-    student = swap(teacher, plan)  # in place: from here on the teacher is "the student in teacher mode"
+    # in place: from here on the teacher is "the student in teacher mode"
+    student = (
+        ShardedStudent(swap(teacher, plan), accelerator) if sharded else WholeStudent(swap(teacher, plan))
+    )
+    teacher = None  # the student now (a reference kept here would keep FSDP2's shards after a gather)
+    if sharded:  # the teacher is the sharded student in teacher mode (its softmax attention, same weights)
+        student.plain().requires_grad_(False)  # nothing trains yet: FSDP2 upcasts only trainable weights
+        model = student.sharded()
+        with mode(model, "teacher"):
+            if splits.heldout:
+                evals.get("teacher", lambda: ppl(model))
+            teacher_sample = greedy_sample(model, tokenizer, prompt, synced=True)
+            cache = (
+                teacher_logit_cache(model, splits.train, recipe, run_dir, accelerator)
+                if wants_cache
+                else None
+            )
+    if frozen is not None:  # prepared now: under ZeRO-3 or FSDP2 it is sharded from here on
+        frozen = prepare_frozen_teacher(accelerator, frozen, logits_cfg.batch_size)
     if splits.heldout:
-        evals.get("student_untrained", lambda: ppl(student))
+        evals.get("student_untrained", lambda: ppl(student.sharded()))
     tokens: dict[str, int] = {}
     for stage in STAGES:
         cfg = getattr(recipe.stages, stage)
@@ -209,18 +243,23 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
         )
         if checkpoint.is_complete(final):
             accelerator.print(f"[{stage}] already done: loading {final}")
-            load_weights(student, final)
+            if is_main or not sharded:  # sharded: rank 0's weights reach the others when next sharded
+                load_weights(student.plain(), final)
+            else:
+                student.plain()
         elif steps > 0:
+            plain = student.plain()
             if stage == "attention":
-                model, loss_fn = student, attention_stage(student)
+                loss_fn = attention_stage(plain)
             else:
                 torch.manual_seed(recipe.seed + 1)  # LoRA init, identical on a resumed run
-                model, loss_fn = logits_stage(student, cfg, frozen, cache)
+                model, loss_fn = logits_stage(plain, cfg, frozen, cache)
+                student.replace(model)
             result = train_stage(
                 name=stage,
                 cfg=cfg,
                 recipe=recipe,
-                model=model,
+                model=student.sharded(),
                 loss_fn=loss_fn,
                 blocks=None if splits.streaming else splits.train,
                 source=StreamedBlocks(
@@ -236,18 +275,11 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
                 log=log,
                 accelerator=accelerator,
             )
-            model = accelerator.unwrap_model(model)
-            if accelerator.is_fsdp2:  # sharded in place: its weights go into a plain copy (adapters merged)
-                accelerator.print(
-                    f"[{stage}] gathering the FSDP2-sharded student into a plain one on every process"
-                )
-                student = whole_student(model, lambda: swap(load_teacher(*teacher_source)[0], plan))
-                student = student.to(accelerator.device)
-            elif model is not student:  # LoRA: fold the adapters into the weights
-                model.merge_and_unload()
-            del model
-            student.requires_grad_(False)
-            save_weights(student, final, recipe, is_main, accelerator.wait_for_everyone)
+            plain = student.plain()  # sharded: gathered into rank 0's CPU memory
+            if plain is not student_model(plain):  # LoRA: fold the adapters into the weights
+                student.replace(plain.merge_and_unload())
+            student.plain().requires_grad_(False)
+            save_weights(student.plain(), final, recipe, is_main, accelerator.wait_for_everyone)
             accelerator.print(
                 f"[{stage}] done: {result.steps} steps, {result.tokens:,} tokens, "
                 f"{result.seconds:.1f}s, last loss {result.last_loss:.4g}; {result.tokens_per_second:,.0f} tokens/s, "
@@ -255,19 +287,20 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
                 f"({'CUDA allocated' if accelerator.device.type == 'cuda' else 'process RSS'}, the largest process)"
             )
         if splits.heldout:
-            evals.get(f"student_after_{stage}", lambda model=student: ppl(model))
+            evals.get(f"student_after_{stage}", lambda: ppl(student.sharded()))
         if stage == "attention" and plan.get("auto_softmax"):
             apply_auto_plan(student, plan, splits.train, recipe, run_dir, is_main, accelerator.print)
             if splits.heldout:
-                evals.get("student_after_layer_plan", lambda model=student: ppl(model))
+                evals.get("student_after_layer_plan", lambda: ppl(student.sharded()))
         if only == stage == "attention":
             done = f"stage 1 is in {final}" if steps else "stage 1 has nothing to do"
             accelerator.print(f"[attention] {done}; next: the same command with stage=logits")
             return final
 
+    trained = student.plain()  # sharded: whole in rank 0's CPU memory
     out = (
         export(
-            student,
+            trained,
             tokenizer,
             plan,
             recipe,
@@ -279,38 +312,40 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
         if is_main
         else run_dir / "final"
     )
+    trained = student = None  # sharded: rank 0's whole CPU copy goes before the exported one loads
     accelerator.wait_for_everyone()
     print_report(evals.results, accelerator.print)
-    if is_main:
-        from transformers import AutoModelForCausalLM
-
-        exported = AutoModelForCausalLM.from_pretrained(out).to(accelerator.device)
+    if sharded or is_main:
+        exported = load_exported(out, accelerator, sharded, getattr(torch, recipe.teacher.dtype))
+        sample = greedy_sample(exported, tokenizer, prompt, synced=sharded)
         accelerator.print(f"teacher (greedy): {teacher_sample!r}")
-        accelerator.print(f"student (greedy, exported model): {greedy_sample(exported, tokenizer, prompt)!r}")
+        accelerator.print(f"student (greedy, exported model{', sharded' if sharded else ''}): {sample!r}")
         del exported
-        if recipe.eval.tasks:
-            run_eval_tasks(recipe, out, accelerator.device, accelerator.print)
+    if is_main and recipe.eval.tasks:
+        run_eval_tasks(recipe, out, accelerator.device, accelerator.print)
     accelerator.print(f"exported to {out}")
     return out
 
 
-def whole_student(model: torch.nn.Module, build) -> torch.nn.Module:
-    """The student FSDP2 trained, whole again: FSDP2 shards a module in place (its parameters become shards,
-    its class and hooks FSDP's) and has no way back, so its full state dict is gathered on every process and
-    loaded into a fresh plain student from `build()`; a LoRA model's adapters are merged into it. Like
-    `unpartition` after ZeRO-3: evaluation, saving and export read whole weights, and the next stage's
-    prepare() shards the plain copy afresh."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def load_exported(out: Path, accelerator, sharded: bool, dtype: torch.dtype) -> torch.nn.Module:
+    """The exported model as a user loads it (`AutoModelForCausalLM`, in the teacher's dtype), to sample
+    from: whole on this device, or (FSDP2) read by rank 0, built empty elsewhere and sharded over the
+    processes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    fresh = build()
-    lora = getattr(model, "peft_config", None)
-    if lora:
-        from peft import get_peft_model
+    if not sharded:
+        return AutoModelForCausalLM.from_pretrained(out, dtype=dtype).to(accelerator.device)
+    if accelerator.is_main_process:
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype)
+    else:
+        model = load_empty(AutoModelForCausalLM, AutoConfig.from_pretrained(out), dtype)
+    return ShardedStudent(model.requires_grad_(False), accelerator).sharded()
 
-        fresh = get_peft_model(fresh, lora["default"])
-    fresh.load_state_dict(state)  # strict: the same plan builds the same parameters
-    return fresh.merge_and_unload() if lora else fresh
+
+def student_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT (LoRA) model, else `model`."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if get_base is not None and hasattr(model, "peft_config") else model
 
 
 def prepare_frozen_teacher(accelerator, teacher: torch.nn.Module, batch_size: int) -> torch.nn.Module:
@@ -323,10 +358,10 @@ def prepare_frozen_teacher(accelerator, teacher: torch.nn.Module, batch_size: in
         return deepspeed_frozen_teacher(
             teacher, plugin.deepspeed_config, batch_size, accelerator.num_processes
         )
-    if accelerator.is_fsdp2:
-        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    if accelerator.is_fsdp2:  # rank 0's weights broadcast: the other processes may hold it empty
+        from linearize.distill.loop import shard_fsdp2
 
-        return fsdp2_prepare_model(accelerator, teacher).eval()
+        return shard_fsdp2(accelerator, teacher).eval()
     return teacher.to(accelerator.device)
 
 
@@ -361,7 +396,10 @@ def deepspeed_frozen_teacher(teacher, student_config: dict, batch_size: int, pro
 
 def teacher_logit_cache(teacher, blocks, recipe: Recipe, run_dir: Path, accelerator) -> LogitCache:
     """Write (or finish, after a kill) the teacher's top-k logit cache over the training blocks, every
-    process its share of the shards with its own (whole) teacher; every process then reads all of it."""
+    process its share of the shards with its own whole teacher, or (FSDP2) with the teacher sharded over
+    the processes, in step; every process then reads all of it."""
+    from linearize.evals.perplexity import max_over_processes
+
     cfg = recipe.stages.logits
     folder = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "logit_cache"
     began = time.perf_counter()
@@ -375,6 +413,9 @@ def teacher_logit_cache(teacher, blocks, recipe: Recipe, run_dir: Path, accelera
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         barrier=accelerator.wait_for_everyone,
+        max_over_processes=(lambda n: max_over_processes(n, accelerator.device))
+        if accelerator.is_fsdp2
+        else None,
     )
     size = sum(p.stat().st_size for p in folder.iterdir())
     accelerator.print(
@@ -391,19 +432,22 @@ RANKING_BLOCKS = 16  # training blocks the layer ranking of an auto:N plan avera
 def apply_auto_plan(
     student, plan: dict, train_blocks, recipe: Recipe, run_dir: Path, is_main: bool, log
 ) -> None:
-    """`student.layers=auto:N`: rank the converted layers by their alignment loss after stage 1 (or reuse
-    the ranking a previous run of this recipe wrote), keep the top N as softmax, record it in the plan."""
+    """`student.layers=auto:N`: rank the converted layers of `student` (a `WholeStudent` or `ShardedStudent`)
+    by their alignment loss after stage 1 (or reuse the ranking a previous run of this recipe wrote), keep the
+    top N as softmax, record it in the plan."""
     path = run_dir / "layer_ranking.json"
     if path.is_file():
         ranking = json.loads(path.read_text())
     else:
-        ranking = rank_layers(student, train_blocks[:RANKING_BLOCKS], recipe.stages.attention.batch_size)
+        ranking = rank_layers(
+            student.sharded(), train_blocks[:RANKING_BLOCKS], recipe.stages.attention.batch_size
+        )
         if is_main:
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(ranking, indent=1))
             tmp.replace(path)
     keep = sorted(r["layer"] for r in ranking[: plan["auto_softmax"]])
-    keep_softmax(student.model.layers, keep)
+    keep_softmax(student.plain().model.layers, keep)
     plan["softmax_layers"], plan["layer_ranking"] = keep, ranking
     log(
         f"[layers] {plan['layers']}: keeping softmax in layers {keep}; alignment loss per layer, highest "
@@ -433,9 +477,17 @@ def sample_prompt(splits, tokenizer, n_tokens: int = 8) -> list[int]:
 
 
 @torch.no_grad()
-def greedy_sample(model, tokenizer, prompt: list[int], new_tokens: int = 32) -> str:
+def greedy_sample(model, tokenizer, prompt: list[int], new_tokens: int = 32, synced: bool = False) -> str:
+    """`synced=True` (a model sharded over the processes, every process calling): every process runs forwards
+    until the last one has finished (transformers' synced_gpus)."""
     ids = torch.tensor([prompt], device=next(model.parameters()).device)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        synced_gpus=synced,
+    )
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 

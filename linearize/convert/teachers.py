@@ -113,10 +113,13 @@ def teacher_card(path: str) -> dict:
     return {"teacher_hub_id": hub_id, "teacher_license": license_}
 
 
-def load_teacher(path: str, dtype: str = "float32"):
-    """(model, tokenizer) of a supported teacher; the family is checked before weights are read."""
+def load_teacher(path: str, dtype: str = "float32", empty: bool = False):
+    """(model, tokenizer) of a supported teacher; the family is checked before weights are read.
+
+    `empty=True` reads no weights: the model is built from its config with its parameters on the meta device
+    (buffers real), as FSDP2's processes other than rank 0 hold it until rank 0 broadcasts their shards."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     source = resolve_path(path)
     try:
@@ -127,7 +130,16 @@ def load_teacher(path: str, dtype: str = "float32"):
             f"with teacher.path=<folder>"
         ) from None
     family_of(config)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
+    if empty:
+        from linearize.convert.sharded import load_empty
+
+        model = load_empty(AutoModelForCausalLM, config, getattr(torch, dtype))
+        try:  # what from_pretrained would read: greedy decoding must stop where rank 0's does
+            model.generation_config = GenerationConfig.from_pretrained(source)
+        except OSError:
+            pass
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
     return model, tokenizer

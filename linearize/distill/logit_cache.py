@@ -43,7 +43,8 @@ MANIFEST = "manifest.json"
 FORMAT = "linearize-logit-cache/1"
 TMP_PREFIX = ".tmp-"
 # Config keys that name where or how the teacher was loaded, not what it computes.
-_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype")
+# use_cache changes no logit: the student in teacher mode (FSDP2's cache writer) runs without a cache
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache")
 PROBE_TOL = 0.05
 """Largest mean |log-prob difference| (teacher-probability weighted, nats) between a stored block and
 the teacher re-run on it for the teacher to count as the one the cache was built from."""
@@ -153,7 +154,7 @@ def _check_matches(folder: Path, stored: dict, wanted: dict) -> None:
             )
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def _teacher_topk(
     teacher: torch.nn.Module, blocks: torch.Tensor, k: int, batch_size: int, vocab_size: int
 ) -> dict:
@@ -180,7 +181,7 @@ def _probe_teacher(folder: Path, shard: dict, teacher: torch.nn.Module, block: t
     with safe_open(folder / shard["file"], framework="pt") as f:
         stored_logp = f.get_slice("logprobs")[0:1].float()
         indices = f.get_slice("indices")[0:1].long()
-    with torch.inference_mode():
+    with torch.no_grad():
         logits = teacher(input_ids=block[None].to(next(teacher.parameters()).device), use_cache=False).logits
         fresh_logp = F.log_softmax(logits.float(), dim=-1).cpu().gather(-1, indices)
     p = stored_logp.exp()
@@ -206,6 +207,7 @@ def write_logit_cache(
     rank: int = 0,
     world_size: int = 1,
     barrier=lambda: None,
+    max_over_processes=None,
 ) -> LogitCache:
     """Write (or finish writing) the cache of `teacher`'s top-k logits on `blocks` [num_blocks, seq_len].
 
@@ -217,7 +219,9 @@ def write_logit_cache(
     On several processes every one calls it with its `rank`, the `world_size` and a `barrier`: rank 0
     writes (or checks) the manifest, then each process writes shards rank, rank + world_size, ... with its
     own teacher, so the cache takes 1/world_size of the time and no process waits long at a barrier. The
-    files are the ones a single process writes.
+    files are the ones a single process writes. A teacher sharded over the processes (FSDP2) has a collective
+    forward: `max_over_processes(n)` (the largest `n` of any process) then makes every process run as many
+    forwards as the busiest, the extra ones on two tokens.
     """
     if teacher.training:
         raise ValueError("the teacher is in training mode (dropout would randomise the cache): call .eval()")
@@ -259,11 +263,16 @@ def write_logit_cache(
             )
     if existing:
         _probe_teacher(folder, existing[0], teacher, blocks[existing[0]["start"]])
+    todo = [s for s in mine if not (folder / s["file"]).is_file()]
+    if max_over_processes is not None:
+        forwards = bool(existing) + sum(-(-(s["stop"] - s["start"]) // batch_size) for s in todo)
+        idle = max_over_processes(forwards) - forwards
+        with torch.no_grad():
+            for _ in range(idle):  # before this process's shards: the others' forwards meet these
+                teacher(input_ids=blocks[:1, :2].to(next(teacher.parameters()).device), use_cache=False)
 
-    for shard in mine:
+    for shard in todo:
         target = folder / shard["file"]
-        if target.is_file():
-            continue
         part = blocks[shard["start"] : shard["stop"]]
         tensors = _teacher_topk(teacher, part, k, batch_size, vocab_size)
         tensors["block_hash"] = torch.tensor(hashes[shard["start"] : shard["stop"]], dtype=torch.int64)

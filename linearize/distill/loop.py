@@ -146,14 +146,20 @@ def make_accelerator(recipe: Recipe):
     return accelerator
 
 
-def shard_mixers_separately(accelerator, model: torch.nn.Module) -> None:
-    """Under FSDP2, make every mixer (self_attn) an FSDP unit of its own, inside its decoder layer's:
-    stage attention's loss leaves a mixer through its second output (see `Mixer.forward`), and FSDP2 gathers
-    a unit's weights for backward only when a gradient reaches one of the unit's outputs."""
+def shard_fsdp2(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """`model` sharded in place by accelerate's FSDP2 preparation, each decoder layer and each mixer (self_attn)
+    an FSDP unit of its own: stage attention's loss leaves a mixer through its second output (see
+    `Mixer.forward`), and FSDP2 gathers a unit's weights for backward only when a gradient reaches one of the
+    unit's outputs. The weights come from rank 0 by broadcast (accelerate's cpu_ram_efficient_loading), so
+    every other process may hold `model` empty, on the meta device (see `linearize.convert.sharded`)."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     from linearize.architectures.mixers import mixers
 
+    if isinstance(model, FSDPModule):
+        return model
     plugin = accelerator.state.fsdp_plugin
     policy = plugin.auto_wrap_policy  # the function, or the partial of it a previous prepare() made
     if getattr(policy, "func", policy) is not transformer_auto_wrap_policy:
@@ -161,9 +167,17 @@ def shard_mixers_separately(accelerator, model: torch.nn.Module) -> None:
             "under FSDP2 linearize needs fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP in the accelerate config "
             "(each decoder layer and each mixer its own unit), as the shipped fsdp2 config has"
         )
-    names = plugin.transformer_cls_names_to_wrap or list(getattr(model, "_no_split_modules", None) or [])
-    wanted = sorted({type(m).__name__ for m in mixers(model)} - set(names))
-    plugin.transformer_cls_names_to_wrap = [*names, *wanted]
+    # The names are this model's: the config's (or a previous model's) that it has, its decoder layer, its
+    # mixers. accelerate refuses a name the model lacks (a frozen teacher has no mixers).
+    names = [
+        *(plugin.transformer_cls_names_to_wrap or []),
+        *(getattr(model, "_no_split_modules", None) or []),
+    ]
+    names += [type(m).__name__ for m in mixers(model)]
+    present = {type(m).__name__ for m in model.modules()}
+    plugin.transformer_cls_names_to_wrap = sorted(set(names) & present)
+    plugin.cpu_ram_efficient_loading = True  # only rank 0 need hold the weights
+    return fsdp2_prepare_model(accelerator, model)
 
 
 def train_stage(
@@ -186,6 +200,10 @@ def train_stage(
     """
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+    if (
+        accelerator.is_fsdp2
+    ):  # before the optimizer sees the parameters: rank 0 may be the only one with values
+        model = shard_fsdp2(accelerator, model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError(f"stage {name}: nothing to train (no parameter requires grad)")
@@ -206,8 +224,6 @@ def train_stage(
             train_batch_size=per_process * accelerator.num_processes,
             gradient_clipping=cfg.max_grad_norm,
         )
-    if accelerator.is_fsdp2:
-        shard_mixers_separately(accelerator, model)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     # FSDP2 shards in place: the parameters the optimizer steps (and whose norm is clipped) are new objects
     params = [p for p in model.parameters() if p.requires_grad]

@@ -107,6 +107,9 @@ class Sharding:
     frozen_teacher: bool = False
     """The frozen teacher copy of stage logits is sharded like the weights (ZeRO-3, FSDP2; see
     `linearize.convert.pipeline.prepare_frozen_teacher`); elsewhere every process holds it whole."""
+    whole_on_host: bool = False
+    """FSDP2: outside the training steps too the model is whole on no device, only in rank 0's CPU memory
+    (see `linearize.convert.sharded`); elsewhere every process holds it whole on its device."""
 
     @classmethod
     def from_accelerate_config(cls, config: str | Path | dict | None) -> Sharding:
@@ -191,6 +194,7 @@ class Sharding:
             name=name + (" + offload" if offload else ""),
             weights=full,
             frozen_teacher=full and version >= 2,
+            whole_on_host=version >= 2,
             gradients=True,
             optimizer=True,
             offload_optimizer=offload,
@@ -275,10 +279,10 @@ class MemoryEstimate:
     device_memory: int | None = None
     """Memory of one device the estimate is checked against, when known."""
     whole_model: int = 0
-    """Outside the training steps every process holds the whole model on its device: the teacher when it is
-    loaded, evaluated and writes the logit cache, the student when it is gathered after the stage, evaluated
-    and exported (sharded loading, evaluation and export are not implemented). The student's weights as
-    stored; checked with `runtime` against the device apart from `total`."""
+    """The whole model's weights as stored (the larger of teacher and student). Outside the training steps
+    every process holds it on its device (the teacher loaded, evaluated, writing the logit cache; the
+    student after the stage, evaluated and exported), checked with `runtime` against the device apart from
+    `total`; except under FSDP2 (`Sharding.whole_on_host`), where it is whole only in rank 0's CPU memory."""
 
     PARTS: ClassVar[tuple[str, ...]] = (
         "weights",
@@ -485,13 +489,13 @@ def check_fits(est: MemoryEstimate, available_bytes: int | None = None) -> None:
             f"stage {stage} needs ~{size(est.total)} per device ({est.parts()}) but a device has "
             f"{size(available)}; fixes: " + "; ".join(fixes)
         )
-    if est.whole_model + est.runtime > available:
+    if not est.sharding.whole_on_host and est.whole_model + est.runtime > available:
         raise MemoryBudgetError(
             f"stage {est.stage}: the whole model ({size(est.whole_model)} of weights) does not fit a device "
-            f"({size(available)}). Training shards it ({est.sharding.name}), but linearize still holds the "
-            "whole model on every device to load and evaluate the teacher, write the logit cache, and gather, "
-            "evaluate and export the student after each stage: sharded loading, evaluation and export are not "
-            "implemented yet. Use devices with more memory than the model, or a smaller teacher"
+            f"({size(available)}). Training shards it ({est.sharding.name}), but outside the training steps "
+            "every process holds the whole model on its device (loading and evaluating the teacher, writing "
+            "the logit cache, evaluating and exporting the student). Use launch.accelerate_config=fsdp2 (or "
+            "multinode-fsdp2): under FSDP2 the model is whole only in rank 0's CPU memory and evaluated sharded"
         )
 
 
@@ -537,4 +541,26 @@ def preflight(recipe: Recipe, model_config, stages: list[str], accelerator) -> l
         found.append(est)
     for est in found:
         check_fits(est)
+    if found and sharding.whole_on_host:
+        check_host_memory(found, _ram_bytes())
+    if found and recipe.eval.tasks and found[0].whole_model + RUNTIME_BYTES > available:
+        raise MemoryBudgetError(
+            f"eval.tasks {recipe.eval.tasks} evaluate the exported model whole on one device, and it "
+            f"({size(found[0].whole_model)} of weights) does not fit one ({size(available)}): set eval.tasks=[] "
+            "(the held-out perplexity is still measured, sharded) and evaluate the export where it fits"
+        )
     return found
+
+
+def check_host_memory(found: list[MemoryEstimate], host_bytes: int) -> None:
+    """FSDP2: rank 0 holds the whole model in CPU memory (and the frozen teacher copy beside it while stage
+    logits with trainable=attention|all and no logit cache starts); refused when this node's RAM is smaller."""
+    copies = 2 if any(est.frozen_teacher for est in found) else 1
+    need = copies * max(est.whole_model for est in found)
+    if need > host_bytes:
+        raise MemoryBudgetError(
+            f"under FSDP2 rank 0 holds the whole model in CPU memory ({copies} x {size(need // copies)}"
+            f"{', the student and the frozen teacher copy' if copies == 2 else ''}) but this node has "
+            f"{size(host_bytes)} of RAM. Use a node with more memory"
+            + (", or stages.logits.cache_k=32 (no frozen teacher copy)" if copies == 2 else "")
+        )

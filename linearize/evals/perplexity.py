@@ -24,6 +24,15 @@ def group_by_length(blocks: list[list[int]], batch_size: int):
             yield torch.tensor(group[i : i + batch_size])
 
 
+def _batch_nll(logits_fn, ids: torch.Tensor) -> tuple[float, int]:
+    logits = logits_fn(ids).float()
+    target = ids[:, 1:].to(logits.device)
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
+    )
+    return nll.item(), target.numel()
+
+
 @torch.no_grad()
 def block_nll(logits_fn, blocks: list[list[int]], batch_size: int) -> tuple[float, int]:
     """(summed next-token NLL, predicted tokens) of `blocks` under `logits_fn(ids) -> logits`."""
@@ -31,14 +40,39 @@ def block_nll(logits_fn, blocks: list[list[int]], batch_size: int) -> tuple[floa
     for ids in group_by_length(blocks, batch_size):
         if ids.shape[1] < 2:
             continue
-        logits = logits_fn(ids).float()
-        target = ids[:, 1:].to(logits.device)
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
-        )
-        total_nll += nll.item()
-        total_tokens += target.numel()
+        nll, tokens = _batch_nll(logits_fn, ids)
+        total_nll += nll
+        total_tokens += tokens
     return total_nll, total_tokens
+
+
+def max_over_processes(n: int, device) -> int:
+    """The largest `n` of any process (every process calls it)."""
+    import torch.distributed as dist
+
+    count = torch.tensor(n, device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
+
+
+@torch.no_grad()
+def split_block_nll(logits_fn, blocks: list[list[int]], batch_size: int, device) -> tuple[float, int]:
+    """`block_nll` over every process of a sharded model, whose forward is collective: this process scores
+    blocks rank, rank + world_size, ..., runs as many forwards as the process with the most (the extra ones on
+    two tokens, unscored), and the sums are all-reduced."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    batches = [ids for ids in group_by_length(blocks[rank::world], batch_size) if ids.shape[1] >= 2]
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for i in range(max_over_processes(len(batches), device)):
+        if i < len(batches):
+            nll, tokens = _batch_nll(logits_fn, batches[i])
+            sums += torch.tensor([nll, tokens], dtype=torch.float64, device=device)
+        else:
+            logits_fn(torch.tensor([blocks[0][:2]]))
+    dist.all_reduce(sums)
+    return sums[0].item(), int(sums[1].item())
 
 
 def _summary(nll: float, tokens: int, blocks: int) -> dict:
@@ -47,10 +81,19 @@ def _summary(nll: float, tokens: int, blocks: int) -> dict:
 
 
 @torch.no_grad()
-def perplexity(model, docs: list[list[int]], seq_len: int, batch_size: int = 8, max_blocks: int = 0) -> dict:
+def perplexity(
+    model,
+    docs: list[list[int]],
+    seq_len: int,
+    batch_size: int = 8,
+    max_blocks: int = 0,
+    split: bool = False,
+) -> dict:
     """exp(mean next-token NLL) over `docs` packed into `seq_len` blocks (the last, shorter block too).
 
     Returns {"ppl", "nll", "tokens", "blocks"}; `tokens` counts predicted tokens (block length - 1 each).
+    `split=True` (a model sharded over the processes, every process calling): each process scores its share
+    of the blocks (see `split_block_nll`).
     """
     blocks = pack(docs, seq_len, keep_remainder=True)
     if max_blocks:
@@ -60,9 +103,14 @@ def perplexity(model, docs: list[list[int]], seq_len: int, batch_size: int = 8, 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    nll, tokens = block_nll(
-        lambda ids: model(input_ids=ids.to(device), use_cache=False).logits, blocks, batch_size
-    )
+
+    def logits_fn(ids):
+        return model(input_ids=ids.to(device), use_cache=False).logits
+
+    if split:
+        nll, tokens = split_block_nll(logits_fn, blocks, batch_size, device)
+    else:
+        nll, tokens = block_nll(logits_fn, blocks, batch_size)
     model.train(was_training)
     return _summary(nll, tokens, len(blocks))
 

@@ -8,7 +8,8 @@ MULTI_CPU (and under `accelerate launch --cpu` every DeepSpeed rank would run al
 linearize makes gets the plugin of the shipped launch config (linearize/launch/fsdp2.yaml, zero2.yaml,
 zero3.yaml) and reports that distributed type, so everything after it runs the code a GPU run would, over
 gloo: prepare(), the engine's backward and step, save_state/load_state of sharded checkpoints, the sharded
-frozen teacher, gathering the student after a stage. DeepSpeed runs with DS_ACCELERATOR=cpu.
+frozen teacher, gathering the student after a stage. DeepSpeed runs with DS_ACCELERATOR=cpu. Under FSDP2 a
+rank other than 0 that reads a model's weights through transformers fails.
 """
 
 import os
@@ -68,4 +69,16 @@ def make_pinned_accelerator(recipe):
 
 
 pipeline.make_accelerator = make_pinned_accelerator
+
+if BACKEND == "fsdp2" and os.environ.get("RANK", "0") != "0":
+    # Under FSDP2 only rank 0 reads weights (the others build the model empty and receive their shards): any
+    # weight file another rank opens through transformers fails the run.
+    import transformers
+
+    def _refuse(cls, *args, **kwargs):
+        raise RuntimeError(
+            f"rank {os.environ['RANK']} read a model's weights ({cls.__name__}.from_pretrained)"
+        )
+
+    transformers.PreTrainedModel.from_pretrained = classmethod(_refuse)
 sys.exit(main(sys.argv[1:]))

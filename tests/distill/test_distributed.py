@@ -182,6 +182,68 @@ def test_fsdp2_killed_rank_resumes_from_the_sharded_checkpoint(fsdp_run, tmp_pat
     assert_same_weights(final_weights(run), final_weights(reference))
 
 
+SHARDED_EXTRA = [
+    "data.heldout_docs=4",
+    "student.layers=auto:1",
+    "stages.logits.cache_k=8",
+    "stages.logits.temperature=1",
+]
+
+
+def greedy_samples(printed: str) -> tuple[str, str]:
+    teacher = re.search(r"teacher \(greedy\): (.*)", printed).group(1)
+    student = re.search(r"student \(greedy, exported model(?:, sharded)?\): (.*)", printed).group(1)
+    return teacher, student
+
+
+def test_fsdp2_never_holds_the_whole_model_on_a_device_and_matches_one_process(tmp_path):
+    """Under FSDP2 the model is whole on no device: rank 0 reads it into CPU memory, the other rank builds it
+    empty (a weight read fails it, see backend_worker.py) and receives its shards by broadcast. The teacher's
+    perplexity, greedy sample and logit cache come from the sharded student in teacher mode, each process
+    scoring its share of the held-out blocks in step with the others; the auto:N layer ranking from the sharded
+    student; saves and the export from the state gathered into rank 0's memory; the exported model's sample
+    from it sharded again. Every number and file equals the one-process run's."""
+    printed = {}
+    for name, processes in (("one", 1), ("fsdp", 2)):
+        backend = "fsdp2" if processes > 1 else ""
+        printed[name] = "".join(
+            distill(tmp_path / name, processes, stage, backend=backend, extra=SHARDED_EXTRA)
+            for stage in ("attention", "logits")
+        )
+    assert "[fsdp2] rank 0 holds the whole model in CPU memory" in printed["fsdp"]
+    assert "student (greedy, exported model, sharded)" in printed["fsdp"]
+    assert greedy_samples(printed["fsdp"]) == greedy_samples(printed["one"])
+    one, fsdp = (json.loads((tmp_path / name / "eval.json").read_text()) for name in ("one", "fsdp"))
+    assert (
+        set(one)
+        == set(fsdp)
+        == {
+            "teacher",
+            "student_untrained",
+            "student_after_attention",
+            "student_after_layer_plan",
+            "student_after_logits",
+        }
+    )
+    for key in one:
+        assert fsdp[key]["tokens"] == one[key]["tokens"]
+        assert fsdp[key]["ppl"] == pytest.approx(one[key]["ppl"], rel=RTOL), key
+    ranking = {
+        name: json.loads((tmp_path / name / "layer_ranking.json").read_text()) for name in ("one", "fsdp")
+    }
+    assert [r["layer"] for r in ranking["fsdp"]] == [r["layer"] for r in ranking["one"]]
+    assert [r["loss"] for r in ranking["fsdp"]] == pytest.approx(
+        [r["loss"] for r in ranking["one"]], rel=RTOL
+    )
+    caches = [tmp_path / name / "logit_cache" for name in ("one", "fsdp")]
+    names = sorted(p.name for p in caches[0].iterdir())
+    assert len(names) > 2 and sorted(p.name for p in caches[1].iterdir()) == names
+    assert all((caches[0] / n).read_bytes() == (caches[1] / n).read_bytes() for n in names)
+    for stage in ("attention", "logits"):
+        assert losses(tmp_path / "fsdp", stage) == pytest.approx(losses(tmp_path / "one", stage), rel=RTOL)
+    assert_same_weights(final_weights(tmp_path / "fsdp"), final_weights(tmp_path / "one"))
+
+
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_accelerate_deepspeed_gives_the_one_process_losses_and_export(runs, zero, tmp_path):
     """accelerate + DeepSpeed ZeRO-2/3 through `linearize distill`: both stages' losses and the export are the

@@ -329,3 +329,62 @@ def test_processes_write_their_share_of_the_shards_into_the_same_files(
         for name in names:
             assert (folder / name).read_bytes() == (cache_dir / name).read_bytes(), name
         computed = {"rank0": [], "rank1": []}
+
+
+def test_a_sharded_teacher_runs_as_many_forwards_on_every_process(teacher_and_blocks, cache_dir, tmp_path):
+    """A teacher sharded over the processes (FSDP2) has a collective forward, so with `max_over_processes`
+    every process runs as many forwards as the busiest one, the extra ones on two tokens: on a fresh cache
+    (rank 0: shards of 4 and 2 blocks, 3 forwards of batch 3; rank 1: one shard of 4, 2 forwards) and on a
+    resumed one (rank 0: its probe and one shard; rank 1: only its probe). The files are the one-process ones."""
+    import threading
+
+    teacher, blocks = teacher_and_blocks
+    folder = tmp_path / "sharded"
+    barrier = threading.Barrier(2, timeout=120)
+    counts: dict[int, int] = {}
+    errors = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config, self.forwards = teacher, teacher.config, 0
+
+        def forward(self, **kwargs):
+            self.forwards += 1
+            return self.inner(**kwargs)
+
+    def max_over(r: int):
+        def most(n: int) -> int:
+            counts[r] = n
+            barrier.wait()
+            top = max(counts.values())
+            barrier.wait()
+            return top
+
+        return most
+
+    def rank(r: int, model) -> None:
+        try:
+            write_logit_cache(
+                model, blocks, folder, k=16, shard_blocks=SHARD, batch_size=3, teacher_name=None,
+                rank=r, world_size=2, barrier=barrier.wait, max_over_processes=max_over(r),
+            )  # fmt: skip
+        except Exception as e:  # surfaced below; a failing thread must not leave the other one waiting
+            errors.append(e)
+            barrier.abort()
+
+    for round_ in range(2):
+        models = [Counting().eval(), Counting().eval()]
+        threads = [threading.Thread(target=rank, args=(r, models[r])) for r in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert counts == ({0: 3, 1: 2} if round_ == 0 else {0: 3, 1: 1})  # what each process needed
+        assert [m.forwards for m in models] == [3, 3]  # what each ran
+        names = sorted(p.name for p in cache_dir.iterdir())
+        assert sorted(p.name for p in folder.iterdir()) == names
+        for name in names:
+            assert (folder / name).read_bytes() == (cache_dir / name).read_bytes(), name
+        (folder / "shard-00000.safetensors").unlink()  # rank 0's: the rerun probes, then writes it again

@@ -22,6 +22,7 @@ from linearize.distill.memory import (
     MemoryBudgetError,
     Sharding,
     check_fits,
+    check_host_memory,
     count_parameters,
     estimate,
     student_on_meta,
@@ -291,9 +292,35 @@ def test_a_72b_teacher_on_one_unsharded_device_is_refused():
     for stage in ("attention", "logits"):
         sharded = estimate(config, shipped, stage, shipped.launch.num_processes, 80 * GiB)
         assert sharded.total < 80 * GiB  # the training steps fit, sharded over 32 devices
-        # but every device holds the whole model to load, evaluate and export it: refused, saying so
-        with pytest.raises(MemoryBudgetError, match=r"the whole model \(13\d GiB of weights\) does not fit"):
-            check_fits(sharded)
+        assert sharded.whole_model > 130 * GiB  # and under FSDP2 the whole model sits on no device
+        check_fits(sharded)
+        # ZeRO-3 shards the training steps just as well, but holds the whole model on every device outside them
+        zero3 = estimate(config, shipped, stage, 32, 80 * GiB, Sharding.from_accelerate_config("zero3"))
+        assert zero3.total < 80 * GiB
+        with pytest.raises(
+            MemoryBudgetError,
+            match=r"the whole model \(13\d GiB of weights\) does not fit a device.*Use launch.accelerate_config=fsdp2",
+        ):
+            check_fits(zero3)
+
+
+def test_fsdp2_needs_the_whole_model_in_rank_0s_cpu_memory():
+    config = hub_config("Qwen/Qwen2.5-72B")
+    recipe = load_recipe("qwen-72b-to-linear")
+    found = [estimate(config, recipe, s, 32, 80 * GiB) for s in ("attention", "logits")]
+    check_host_memory(found, 1024 * GiB)  # a node of 8 H100s has 1-2 TiB
+    with pytest.raises(
+        MemoryBudgetError,
+        match=r"rank 0 holds the whole model in CPU memory \(1 x 13\d GiB\) .* 128 GiB of RAM",
+    ):
+        check_host_memory(found, 128 * GiB)
+    # trainable=attention without the cache: the frozen teacher copy sits beside it while stage logits starts
+    uncached = load_recipe("qwen-72b-to-linear", {"stages.logits.cache_k": "0"})
+    found = [estimate(config, uncached, "logits", 32, 80 * GiB)]
+    with pytest.raises(
+        MemoryBudgetError, match=r"\(2 x 13\d GiB, the student and the frozen teacher copy\).*cache_k=32"
+    ):
+        check_host_memory(found, 256 * GiB)
 
 
 def test_convert_prints_the_estimate_and_refuses_a_run_that_does_not_fit(tmp_path, capsys):
