@@ -200,9 +200,9 @@ def train_stage(
     """
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-    if (
-        accelerator.is_fsdp2
-    ):  # before the optimizer sees the parameters: rank 0 may be the only one with values
+    if accelerator.is_fsdp2:
+        # sharded before the optimizer is built over its parameters: prepare() would map an optimizer's
+        # parameters to the sharded ones by data_ptr, which is 0 for every empty (meta) parameter of rank > 0
         model = shard_fsdp2(accelerator, model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
