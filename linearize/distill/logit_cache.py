@@ -261,15 +261,16 @@ def write_logit_cache(
                 f"logit cache {folder}: {shard['file']} holds other blocks than its manifest entry (a file "
                 f"copied from another cache?); delete {folder} to rebuild the cache, or choose another folder"
             )
-    if existing:
-        _probe_teacher(folder, existing[0], teacher, blocks[existing[0]["start"]])
     todo = [s for s in mine if not (folder / s["file"]).is_file()]
     if max_over_processes is not None:
+        # agreed on before any forward: a collective between two of them would meet another process's forward
         forwards = bool(existing) + sum(-(-(s["stop"] - s["start"]) // batch_size) for s in todo)
         idle = max_over_processes(forwards) - forwards
         with torch.no_grad():
-            for _ in range(idle):  # before this process's shards: the others' forwards meet these
+            for _ in range(idle):  # the others' forwards meet these
                 teacher(input_ids=blocks[:1, :2].to(next(teacher.parameters()).device), use_cache=False)
+    if existing:
+        _probe_teacher(folder, existing[0], teacher, blocks[existing[0]["start"]])
 
     for shard in todo:
         target = folder / shard["file"]

@@ -5,6 +5,7 @@ steps since the last checkpoint, and the rerun ends where an uninterrupted run d
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -302,3 +303,27 @@ def test_two_processes_split_the_logit_cache_and_give_the_one_process_losses(tmp
     assert len(names) > 2 and sorted(p.name for p in two.iterdir()) == names
     assert all((one / name).read_bytes() == (two / name).read_bytes() for name in names)
     assert losses(tmp_path / "p2", "logits") == pytest.approx(losses(tmp_path / "p1", "logits"), rel=RTOL)
+
+
+def test_fsdp2_finishes_a_partly_written_cache_in_step(tmp_path):
+    """A sharded teacher's forwards are collective. When one process finds all its cache shards written (it
+    only probes the teacher once) and the other has all of its own to write, the two agree on a number of
+    forwards before either runs one; a probe that ran first met the other process's all-reduce and the run
+    hung. The finished cache is the uninterrupted one, byte for byte."""
+    extra = [
+        "stages.attention.steps=0",
+        "stages.logits.steps=2",
+        "stages.logits.cache_k=8",
+        "stages.logits.temperature=1",
+    ]
+    distill(tmp_path, 2, "logits", backend="fsdp2", extra=extra)
+    cache = tmp_path / "logit_cache"
+    before = {p.name: p.read_bytes() for p in cache.iterdir()}
+    shards = sorted(name for name in before if name.startswith("shard-"))
+    assert len(shards) >= 3
+    for name in shards[1::2]:  # rank 1's shards: rank 0 finds every one of its own
+        (cache / name).unlink()
+    shutil.rmtree(tmp_path / "logits")
+    shutil.rmtree(tmp_path / "final")
+    distill(tmp_path, 2, "logits", backend="fsdp2", extra=extra)
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == before

@@ -335,7 +335,9 @@ def test_a_sharded_teacher_runs_as_many_forwards_on_every_process(teacher_and_bl
     """A teacher sharded over the processes (FSDP2) has a collective forward, so with `max_over_processes`
     every process runs as many forwards as the busiest one, the extra ones on two tokens: on a fresh cache
     (rank 0: shards of 4 and 2 blocks, 3 forwards of batch 3; rank 1: one shard of 4, 2 forwards) and on a
-    resumed one (rank 0: its probe and one shard; rank 1: only its probe). The files are the one-process ones."""
+    resumed one (rank 0: its probe and one shard; rank 1: only its probe). No forward runs before the
+    processes agree on the count (it would meet another process's all-reduce). The files are the one-process
+    ones."""
     import threading
 
     teacher, blocks = teacher_and_blocks
@@ -347,18 +349,20 @@ def test_a_sharded_teacher_runs_as_many_forwards_on_every_process(teacher_and_bl
     class Counting(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.inner, self.config, self.forwards = teacher, teacher.config, 0
+            self.inner, self.config, self.forwards, self.agreed = teacher, teacher.config, 0, False
 
         def forward(self, **kwargs):
+            assert self.agreed, "a forward before the processes agreed on their number"
             self.forwards += 1
             return self.inner(**kwargs)
 
-    def max_over(r: int):
+    def max_over(model):
         def most(n: int) -> int:
-            counts[r] = n
+            counts[model.rank] = n
             barrier.wait()
             top = max(counts.values())
             barrier.wait()
+            model.agreed = True
             return top
 
         return most
@@ -367,7 +371,7 @@ def test_a_sharded_teacher_runs_as_many_forwards_on_every_process(teacher_and_bl
         try:
             write_logit_cache(
                 model, blocks, folder, k=16, shard_blocks=SHARD, batch_size=3, teacher_name=None,
-                rank=r, world_size=2, barrier=barrier.wait, max_over_processes=max_over(r),
+                rank=r, world_size=2, barrier=barrier.wait, max_over_processes=max_over(model),
             )  # fmt: skip
         except Exception as e:  # surfaced below; a failing thread must not leave the other one waiting
             errors.append(e)
@@ -375,6 +379,8 @@ def test_a_sharded_teacher_runs_as_many_forwards_on_every_process(teacher_and_bl
 
     for round_ in range(2):
         models = [Counting().eval(), Counting().eval()]
+        for r, model in enumerate(models):
+            model.rank = r
         threads = [threading.Thread(target=rank, args=(r, models[r])) for r in (0, 1)]
         for t in threads:
             t.start()
