@@ -128,8 +128,17 @@ class MetricsLog:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
+# How long a process waits at a collective (NCCL's default is 10 minutes). Rank 0 alone reads, saves and
+# exports the whole model while the others wait: under FSDP2 a 72B teacher is 145 GB to read or write, and
+# the export adds a forward on CPU. A process that dies is still noticed at once by torchrun / accelerate.
+COLLECTIVE_TIMEOUT_MINUTES = 60
+
+
 def make_accelerator(recipe: Recipe):
+    from datetime import timedelta
+
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     # The schedule counts optimizer steps of the global batch. By default accelerate steps a prepared
     # scheduler once per process per step (it assumes per-process schedules), which would run the
@@ -137,6 +146,7 @@ def make_accelerator(recipe: Recipe):
     accelerator = Accelerator(
         mixed_precision="bf16" if recipe.train.precision == "bf16" else "no",
         step_scheduler_with_optimizer=False,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=COLLECTIVE_TIMEOUT_MINUTES))],
     )
     if accelerator.distributed_type.value == "FSDP" and not accelerator.is_fsdp2:
         raise RecipeError(
