@@ -22,7 +22,13 @@ from linearize.convert.teachers import load_teacher
 from linearize.distill import checkpoint
 from linearize.distill.data import StreamedBlocks, build_splits
 from linearize.distill.logit_cache import LogitCache, write_logit_cache
-from linearize.distill.loop import MetricsLog, make_accelerator, train_stage
+from linearize.distill.loop import (
+    MetricsLog,
+    make_accelerator,
+    max_over_processes,
+    shard_fsdp2,
+    train_stage,
+)
 from linearize.distill.memory import preflight
 from linearize.distill.stages import attention_stage, logits_stage, rank_layers
 from linearize.evals.perplexity import perplexity
@@ -203,8 +209,6 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
         cache = (
             teacher_logit_cache(teacher, splits.train, recipe, run_dir, accelerator) if wants_cache else None
         )
-        if frozen is not None:
-            frozen = frozen.to(accelerator.device)
     torch.manual_seed(recipe.seed)  # new parameters' init
     # in place: from here on the teacher is "the student in teacher mode"
     student = (
@@ -243,10 +247,9 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
         )
         if checkpoint.is_complete(final):
             accelerator.print(f"[{stage}] already done: loading {final}")
+            plain = student.plain()
             if is_main or not sharded:  # sharded: rank 0's weights reach the others when next sharded
-                load_weights(student.plain(), final)
-            else:
-                student.plain()
+                load_weights(plain, final)
         elif steps > 0:
             plain = student.plain()
             if stage == "attention":
@@ -338,7 +341,7 @@ def load_exported(out: Path, accelerator, sharded: bool, dtype: torch.dtype) -> 
     if accelerator.is_main_process:
         model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype)
     else:
-        model = load_empty(AutoModelForCausalLM, AutoConfig.from_pretrained(out), dtype)
+        model = load_empty(AutoConfig.from_pretrained(out), dtype)
     return ShardedStudent(model.requires_grad_(False), accelerator).sharded()
 
 
@@ -356,11 +359,9 @@ def prepare_frozen_teacher(accelerator, teacher: torch.nn.Module, batch_size: in
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         return deepspeed_frozen_teacher(
-            teacher, plugin.deepspeed_config, batch_size, accelerator.num_processes
+            teacher.to(accelerator.device), plugin.deepspeed_config, batch_size, accelerator.num_processes
         )
     if accelerator.is_fsdp2:  # rank 0's weights broadcast: the other processes may hold it empty
-        from linearize.distill.loop import shard_fsdp2
-
         return shard_fsdp2(accelerator, teacher).eval()
     return teacher.to(accelerator.device)
 
@@ -398,7 +399,6 @@ def teacher_logit_cache(teacher, blocks, recipe: Recipe, run_dir: Path, accelera
     """Write (or finish, after a kill) the teacher's top-k logit cache over the training blocks, every
     process its share of the shards with its own whole teacher, or (FSDP2) with the teacher sharded over
     the processes, in step; every process then reads all of it."""
-    from linearize.evals.perplexity import max_over_processes
 
     cfg = recipe.stages.logits
     folder = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "logit_cache"

@@ -100,12 +100,13 @@ def assign_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         tie()
 
 
-def load_empty(model_cls_or_auto, config, dtype: torch.dtype) -> nn.Module:
+def load_empty(config, dtype: torch.dtype) -> nn.Module:
     """`config`'s model with its parameters on the meta device and its buffers real (computed from the
     config: rotary frequencies), as every process but rank 0 holds it under FSDP2."""
     from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
-        model = model_cls_or_auto.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()  # as from_pretrained does: lm_head is embed_tokens where the config ties them
     return model.eval()

@@ -133,7 +133,7 @@ def load_teacher(path: str, dtype: str = "float32", empty: bool = False):
     if empty:
         from linearize.convert.sharded import load_empty
 
-        model = load_empty(AutoModelForCausalLM, config, getattr(torch, dtype))
+        model = load_empty(config, getattr(torch, dtype))
         try:  # what from_pretrained would read: greedy decoding must stop where rank 0's does
             model.generation_config = GenerationConfig.from_pretrained(source)
         except OSError:

@@ -349,10 +349,20 @@ def train_stage(
     return StageResult(cfg.steps, cfg.steps * tokens_per_step, last_loss, seconds, rate, peak)
 
 
+def max_over_processes(n: int, device) -> int:
+    """The largest `n` of any process (every process calls it); `n` itself without a process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return n
+    count = torch.tensor(n, device=device, dtype=torch.int64)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
+
+
 def peak_over_processes(accelerator) -> int:
     """The largest `peak_memory` of any process (every process must call it)."""
-    mine = torch.tensor([peak_memory(accelerator.device)], device=accelerator.device, dtype=torch.float64)
-    return int(accelerator.gather(mine).max().item())
+    return max_over_processes(peak_memory(accelerator.device), accelerator.device)
 
 
 def drop_deepspeed_gradients(engine) -> None:

@@ -46,21 +46,14 @@ def block_nll(logits_fn, blocks: list[list[int]], batch_size: int) -> tuple[floa
     return total_nll, total_tokens
 
 
-def max_over_processes(n: int, device) -> int:
-    """The largest `n` of any process (every process calls it)."""
-    import torch.distributed as dist
-
-    count = torch.tensor(n, device=device)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    return int(count.item())
-
-
 @torch.no_grad()
 def split_block_nll(logits_fn, blocks: list[list[int]], batch_size: int, device) -> tuple[float, int]:
     """`block_nll` over every process of a sharded model, whose forward is collective: this process scores
     blocks rank, rank + world_size, ..., runs as many forwards as the process with the most (the extra ones on
     two tokens, unscored), and the sums are all-reduced."""
     import torch.distributed as dist
+
+    from linearize.distill.loop import max_over_processes
 
     rank, world = dist.get_rank(), dist.get_world_size()
     batches = [ids for ids in group_by_length(blocks[rank::world], batch_size) if ids.shape[1] >= 2]

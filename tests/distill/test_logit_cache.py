@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -284,6 +285,35 @@ def test_convert_with_a_logit_cache_writes_it_once_and_needs_no_teacher_copy(tmp
         load_recipe("tiny", {**overrides, "stages.logits.temperature": "2"})
 
 
+def run_two_ranks(write, barrier) -> None:
+    """`write(rank)` on two threads named rank0 and rank1 (two processes, sharing `barrier`); an error in
+    either is raised here, after aborting the barrier so the other thread does not wait forever."""
+    import threading
+
+    errors = []
+
+    def rank(r: int) -> None:
+        try:
+            write(r)
+        except Exception as e:
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,), name=f"rank{r}") for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def assert_same_cache(folder: Path, reference: Path) -> None:
+    names = sorted(p.name for p in reference.iterdir())
+    assert sorted(p.name for p in folder.iterdir()) == names
+    for name in names:
+        assert (folder / name).read_bytes() == (reference / name).read_bytes(), name
+
+
 def test_processes_write_their_share_of_the_shards_into_the_same_files(
     teacher_and_blocks, cache_dir, tmp_path, monkeypatch
 ):
@@ -296,7 +326,6 @@ def test_processes_write_their_share_of_the_shards_into_the_same_files(
     folder = tmp_path / "two"
     barrier = threading.Barrier(2, timeout=120)
     computed: dict[str, list[int]] = {"rank0": [], "rank1": []}
-    errors = []
     topk = logit_cache._teacher_topk
 
     def recording_topk(teacher, part, *args):
@@ -305,29 +334,17 @@ def test_processes_write_their_share_of_the_shards_into_the_same_files(
 
     monkeypatch.setattr(logit_cache, "_teacher_topk", recording_topk)
 
-    def rank(r: int) -> None:
-        try:
-            write_logit_cache(
-                teacher, blocks, folder, k=16, shard_blocks=SHARD, batch_size=3,
-                rank=r, world_size=2, barrier=barrier.wait,
-            )  # fmt: skip
-        except Exception as e:  # surfaced below; a failing thread must not leave the other one waiting
-            errors.append(e)
-            barrier.abort()
+    def write(r: int) -> None:
+        write_logit_cache(
+            teacher, blocks, folder, k=16, shard_blocks=SHARD, batch_size=3,
+            rank=r, world_size=2, barrier=barrier.wait,
+        )  # fmt: skip
 
     for round_ in range(2):  # the second round finds a complete cache
-        threads = [threading.Thread(target=rank, args=(r,), name=f"rank{r}") for r in (0, 1)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors
+        run_two_ranks(write, barrier)
         # shards of 4, 4 and 2 blocks: rank 0 wrote the first and the last, rank 1 the middle one
         assert computed == ({"rank0": [4, 2], "rank1": [4]} if round_ == 0 else {"rank0": [], "rank1": []})
-        names = sorted(p.name for p in cache_dir.iterdir())
-        assert sorted(p.name for p in folder.iterdir()) == names
-        for name in names:
-            assert (folder / name).read_bytes() == (cache_dir / name).read_bytes(), name
+        assert_same_cache(folder, cache_dir)
         computed = {"rank0": [], "rank1": []}
 
 
@@ -344,7 +361,6 @@ def test_a_sharded_teacher_runs_as_many_forwards_on_every_process(teacher_and_bl
     folder = tmp_path / "sharded"
     barrier = threading.Barrier(2, timeout=120)
     counts: dict[int, int] = {}
-    errors = []
 
     class Counting(torch.nn.Module):
         def __init__(self):
@@ -367,30 +383,19 @@ def test_a_sharded_teacher_runs_as_many_forwards_on_every_process(teacher_and_bl
 
         return most
 
-    def rank(r: int, model) -> None:
-        try:
-            write_logit_cache(
-                model, blocks, folder, k=16, shard_blocks=SHARD, batch_size=3, teacher_name=None,
-                rank=r, world_size=2, barrier=barrier.wait, max_over_processes=max_over(model),
-            )  # fmt: skip
-        except Exception as e:  # surfaced below; a failing thread must not leave the other one waiting
-            errors.append(e)
-            barrier.abort()
-
     for round_ in range(2):
         models = [Counting().eval(), Counting().eval()]
         for r, model in enumerate(models):
             model.rank = r
-        threads = [threading.Thread(target=rank, args=(r, models[r])) for r in (0, 1)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors
+
+        def write(r: int, models=models) -> None:
+            write_logit_cache(
+                models[r], blocks, folder, k=16, shard_blocks=SHARD, batch_size=3, teacher_name=None,
+                rank=r, world_size=2, barrier=barrier.wait, max_over_processes=max_over(models[r]),
+            )  # fmt: skip
+
+        run_two_ranks(write, barrier)
         assert counts == ({0: 3, 1: 2} if round_ == 0 else {0: 3, 1: 1})  # what each process needed
         assert [m.forwards for m in models] == [3, 3]  # what each ran
-        names = sorted(p.name for p in cache_dir.iterdir())
-        assert sorted(p.name for p in folder.iterdir()) == names
-        for name in names:
-            assert (folder / name).read_bytes() == (cache_dir / name).read_bytes(), name
+        assert_same_cache(folder, cache_dir)
         (folder / "shard-00000.safetensors").unlink()  # rank 0's: the rerun probes, then writes it again
