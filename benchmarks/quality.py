@@ -99,11 +99,8 @@ class Run:
 def scaled_stages(recipe, budget: int) -> tuple[dict[str, str], dict[str, int]]:
     """Overrides giving `recipe` `budget` distillation tokens in all, split as the recipe splits its own
     (one process: the benchmark runs `convert` unlaunched), and the tokens each stage then gets."""
-    per_step = {
-        s: getattr(recipe.stages, s).batch_size * getattr(recipe.stages, s).grad_accum * recipe.data.seq_len
-        for s in STAGES
-    }
-    own = {s: recipe.stage_steps(s) * per_step[s] for s in STAGES}
+    per_step = {s: getattr(recipe.stages, s).tokens_per_step(1, recipe.data.seq_len) for s in STAGES}
+    own = {s: recipe.stage_tokens(s, 1) for s in STAGES}
     if not sum(own.values()):
         raise UsageError(f"recipe {recipe.name} trains no stage, so it has no budget to scale")
     overrides, tokens = {}, {}

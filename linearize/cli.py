@@ -31,6 +31,7 @@ examples:
 
 
 def parse_pairs(args: list[str]) -> dict[str, str]:
+    """argv `key=value` words as strings; each command types them with `linearize.config.parse_pairs_into`."""
     pairs = {}
     for arg in args:
         key, sep, value = arg.partition("=")

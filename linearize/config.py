@@ -8,18 +8,22 @@ raised before any work, naming the field and the valid choices.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import hashlib
 import inspect
 import textwrap
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+Settings = typing.TypeVar("Settings")
 
 
 class RecipeError(ValueError):
@@ -196,6 +200,10 @@ class StageConfig:
             raise RecipeError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise RecipeError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    def tokens_per_step(self, processes: int, seq_len: int) -> int:
+        """Tokens one optimizer step trains on: batch_size x grad_accum x processes x seq_len."""
+        return self.batch_size * self.grad_accum * processes * seq_len
 
 
 @dataclass(kw_only=True)
@@ -419,6 +427,11 @@ class Recipe:
             return 0
         return getattr(self.stages, stage).steps
 
+    def stage_tokens(self, stage: str, processes: int) -> int:
+        """Tokens `stage` trains on over `processes` processes: the steps it really runs x its tokens per step."""
+        cfg = getattr(self.stages, stage)
+        return self.stage_steps(stage) * cfg.tokens_per_step(processes, self.data.seq_len)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -455,43 +468,45 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _coerce(path: str, value: Any, tp: Any) -> Any:
+def _coerce(
+    path: str, value: Any, tp: Any, error: type[Exception] = RecipeError, what: str = "recipe key"
+) -> Any:
     """Check `value` against the annotation `tp`, converting where the conversion is lossless."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise RecipeError(f"{path} must be a mapping of {sorted(f.name for f in dataclasses.fields(tp))}")
-        return _build(tp, value, path)
+            raise error(f"{path} must be a mapping of {sorted(f.name for f in dataclasses.fields(tp))}")
+        return _build(tp, value, path, error, what)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise RecipeError(f"{path}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+            raise error(f"{path}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
         return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]  # `key=a` on the command line for a one-item list
         if not isinstance(value, list):
-            raise RecipeError(f"{path} must be a list, got {type(value).__name__} {value!r}")
-        return [_coerce(f"{path}[{i}]", v, item_tp) for i, v in enumerate(value)]
+            raise error(f"{path} must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(f"{path}[{i}]", v, item_tp, error, what) for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
             try:
-                return _coerce(path, value, option)
-            except RecipeError:
+                return _coerce(path, value, option, error, what)
+            except error:
                 continue
-        raise RecipeError(f"{path}={value!r} does not match {tp}")
+        raise error(f"{path}={value!r} does not match {tp}")
     if tp is type(None):
         if value is not None:
-            raise RecipeError(f"{path} must be null")
+            raise error(f"{path} must be null")
         return None
     if tp is bool:
         if not isinstance(value, bool):
-            raise RecipeError(f"{path} must be true or false, got {value!r}")
+            raise error(f"{path} must be true or false, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"{path} must be an integer, got {value!r}")
+            raise error(f"{path} must be an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
@@ -500,41 +515,109 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{path} must be a number, got {value!r}")
+            raise error(f"{path} must be a number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise RecipeError(f"{path} must be a string, got {value!r}")
+            raise error(f"{path} must be a string, got {value!r}")
         return value
-    raise RecipeError(f"{path}: unsupported annotation {tp}")
+    raise error(f"{path}: unsupported annotation {tp}")
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
+def _build(
+    cls: type,
+    data: dict[str, Any],
+    prefix: str = "",
+    error: type[Exception] = RecipeError,
+    what: str = "recipe key",
+    also_valid: Sequence[str] = (),
+) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
     if unknown:
-        where = prefix or "the recipe"
-        raise RecipeError(
-            f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; valid keys: {', '.join(names)}"
-        )
-    kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, v, hints[k]) for k, v in data.items()}
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise error(f"unknown {what} {key!r}; valid keys: {', '.join([*also_valid, *names])}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, v, hints[k], error, what) for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except RecipeError as err:
+    except error as err:
         if prefix and not str(err).startswith(prefix):
-            raise RecipeError(f"{prefix}.{err}") from None
+            raise error(f"{prefix}.{err}") from None
         raise
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, error: type[Exception]) -> None:
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise RecipeError(f"cannot set {dotted}: {part} is not a section")
+            raise error(f"cannot set {dotted}: {part} is not a section")
     node[parts[-1]] = value
+
+
+def _annotation(cls: type, dotted: str) -> Any:
+    """The annotation of the field `dotted` names inside the dataclass tree `cls`; None when there is none
+    (`_build` then reports the unknown key)."""
+    tp: Any = cls
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(tp) or part not in {f.name for f in dataclasses.fields(tp)}:
+            return None
+        tp = typing.get_type_hints(tp)[part]
+    return tp
+
+
+def _list_item(tp: Any) -> Any:
+    """The item annotation of a list field (`list[int]`, `str | list[int]`); None for any other."""
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    for option in typing.get_args(tp) if union else (tp,):
+        if typing.get_origin(option) is list:
+            return typing.get_args(option)[0]
+    return None
+
+
+def _pair_value(raw: Any, tp: Any) -> Any:
+    """One command-line value for a field annotated `tp`, before the type check."""
+    if not isinstance(raw, str):
+        return raw
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw  # not YAML: the type check names the field, and text fields take it as written
+    if tp is str and not isinstance(value, str):
+        return raw  # `revision=1.0`, `commit_message=yes`, `output_dir=`: text as written
+    item_tp = _list_item(tp)
+    if item_tp is not None and value is None and not raw.strip():
+        return []
+    if item_tp is not None and isinstance(value, str) and "," in value:
+        return [_pair_value(part.strip(), item_tp) for part in value.split(",")]
+    return value
+
+
+def parse_pairs_into(
+    cls: type[Settings],
+    pairs: Mapping[str, Any],
+    *,
+    base: dict[str, Any] | None = None,
+    error: type[Exception] = RecipeError,
+    what: str = "recipe key",
+    also_valid: Sequence[str] = (),
+) -> Settings:
+    """The dataclass `cls` from dotted `key=value` pairs laid over `base` (a loaded YAML tree), type-checked.
+
+    Every command's `key=value` arguments go through here. Values are read as YAML (`steps=50`,
+    `layers=[0, 3]`, `feature_dim=null`); a list field also takes one item alone or comma-separated items
+    (`controls=window,branches`, `mqar_pairs=4,8`) and an empty value as the empty list; a text field
+    keeps what was written where YAML reads something else (`revision=1.0`). An unknown key (`unknown
+    {what} 'key'`) lists the valid keys, `also_valid` first (keys the command itself takes); a wrong type
+    names the field; both are raised as `error`, the command's own error class, as are the dataclass's
+    own checks.
+    """
+    data = copy.deepcopy(base) if base else {}
+    for key, raw in pairs.items():
+        _set_dotted(data, key, _pair_value(raw, _annotation(cls, key)), error)
+    return _build(cls, data, error=error, what=what, also_valid=also_valid)
 
 
 def shipped_recipes() -> dict[str, Path]:
@@ -546,8 +629,8 @@ def shipped_recipes() -> dict[str, Path]:
 def load_recipe(name_or_path: str | None = None, overrides: dict[str, str] | None = None) -> Recipe:
     """Resolve a recipe: a shipped name or a YAML path, then dotted `key=value` overrides.
 
-    Override values are parsed as YAML scalars/lists (`stages.attention.steps=50`,
-    `student.layers=[0,3]`) and go through the same validation as the file.
+    Overrides are read by `parse_pairs_into` (`stages.attention.steps=50`, `student.layers=[0,3]`,
+    `eval.tasks=ppl,recall`) and go through the same validation as the file.
     """
     name_or_path = name_or_path or "tiny"
     shipped = shipped_recipes()
@@ -564,9 +647,7 @@ def load_recipe(name_or_path: str | None = None, overrides: dict[str, str] | Non
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise RecipeError(f"{path} must hold a mapping of recipe keys")
-    for key, raw in (overrides or {}).items():
-        _set_dotted(data, key, yaml.safe_load(raw) if isinstance(raw, str) else raw)
-    return _build(Recipe, data)
+    return parse_pairs_into(Recipe, overrides or {}, base=data)
 
 
 def describe(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -22,7 +22,7 @@ def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path):
         main(["convrt"])
     with pytest.raises(SystemExit, match="expected key=value"):
         main(["convert", "tiny"])
-    with pytest.raises(SystemExit, match=r"error: unknown key stages\.attention\.stepz"):
+    with pytest.raises(SystemExit, match=r"error: unknown recipe key 'stages\.attention\.stepz'"):
         main(["convert", "stages.attention.stepz=3"])
     with pytest.raises(SystemExit, match=r"error: .*does not exist"):
         main(["convert", "data.train=/nonexistent/file.txt", f"output_dir={tmp_path}/a"])

@@ -1,6 +1,8 @@
+import dataclasses
 import json
 import re
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import yaml
@@ -13,6 +15,7 @@ from linearize.config import (
     describe,
     field_docs,
     load_recipe,
+    parse_pairs_into,
     shipped_recipes,
 )
 
@@ -130,10 +133,7 @@ def test_token_budget_comments_agree_with_the_recipe(name):
             product *= int(f)
         assert product == int(total.replace(",", "")), match.group(0)
         stated.add(product)
-    computed = set()
-    for stage in (recipe.stages.attention, recipe.stages.logits):
-        steps = stage.steps * stage.batch_size * stage.grad_accum * recipe.launch.num_processes
-        computed.add(steps * recipe.data.seq_len)
+    computed = {recipe.stage_tokens(stage, recipe.launch.num_processes) for stage in ("attention", "logits")}
     assert stated == computed, f"{name}: comments state {stated}, the recipe gives {computed} tokens"
 
 
@@ -181,10 +181,16 @@ def test_dotted_overrides_are_typed():
 
 
 def test_unknown_key_lists_valid_keys():
-    with pytest.raises(RecipeError, match=r"unknown key stages\.attention\.stepz.*valid keys: steps, lr"):
+    with pytest.raises(
+        RecipeError, match=r"unknown recipe key 'stages\.attention\.stepz'; valid keys: steps, lr"
+    ):
         load_recipe("tiny", {"stages.attention.stepz": "5"})
-    with pytest.raises(RecipeError, match=r"unknown key bogus in the recipe; valid keys: name"):
+    with pytest.raises(RecipeError, match=r"unknown recipe key 'bogus'; valid keys: name"):
         load_recipe("tiny", {"bogus": "1"})
+    with pytest.raises(
+        RecipeError, match=r"unknown recipe key 'stages\.atention'; valid keys: attention, logits"
+    ):
+        load_recipe("tiny", {"stages.atention.steps": "5"})
 
 
 def test_wrong_type_names_the_field():
@@ -192,6 +198,76 @@ def test_wrong_type_names_the_field():
         load_recipe("tiny", {"stages.attention.steps": "many"})
     with pytest.raises(RecipeError, match=r"stages\.attention\.steps must be an integer"):
         load_recipe("tiny", {"stages.attention.steps": "1.5"})
+    with pytest.raises(RecipeError, match=r"stages\.attention\.steps must be an integer, got '\[1'"):
+        load_recipe("tiny", {"stages.attention.steps": "[1"})  # not YAML: still a type error naming the field
+
+
+def test_overrides_take_comma_lists_and_text_as_written():
+    r = load_recipe(
+        "tiny",
+        {
+            "eval.tasks": "ppl,recall",
+            "student.layers": "0,3",
+            "stages.logits.lora_targets": "q_proj",
+            "name": "2024",
+            "launch.accelerate_config": '""',
+        },
+    )
+    assert r.eval.tasks == ["ppl", "recall"] and r.student.layers == [0, 3]
+    assert r.stages.logits.lora_targets == ["q_proj"]  # one item alone
+    assert r.name == "2024" and r.launch.accelerate_config == ""  # text: as written, or as YAML quotes it
+    assert load_recipe("tiny", {"eval.tasks": ""}).eval.tasks == []
+
+
+@dataclasses.dataclass(kw_only=True)
+class _Settings:
+    """A flat settings class like a command's (EvalSettings, PublishSettings)."""
+
+    revision: str = "main"
+    sizes: list[int] = dataclasses.field(default_factory=lambda: [1])
+    names: list[str] = dataclasses.field(default_factory=list)
+    fractions: list[float] = dataclasses.field(default_factory=list)
+    dry_run: bool = False
+    mode: Literal["a", "b"] = "a"
+
+    def __post_init__(self) -> None:
+        if min(self.sizes) < 1:
+            raise _CommandError(f"sizes must be >= 1, got {self.sizes}")
+
+
+class _CommandError(RuntimeError):
+    """A command's own error class."""
+
+
+def test_parse_pairs_into_a_commands_settings():
+    s = parse_pairs_into(
+        _Settings,
+        {"revision": "1.0", "sizes": "4,8", "names": "a,b", "fractions": "[0, 1]", "dry_run": "yes"},
+        error=_CommandError,
+    )
+    assert s == _Settings(revision="1.0", sizes=[4, 8], names=["a", "b"], fractions=[0.0, 1.0], dry_run=True)
+    assert parse_pairs_into(_Settings, {"sizes": "[2]", "names": "a"}, error=_CommandError).names == ["a"]
+    for pair, message in (
+        ({"sise": "1"}, r"unknown option 'sise'; valid keys: model, revision, sizes"),
+        ({"sizes": "1,x"}, r"sizes\[1\] must be an integer, got 'x'"),
+        ({"dry_run": "maybe"}, r"dry_run must be true or false, got 'maybe'"),
+        ({"mode": "c"}, r"mode='c' is not valid; choose one of: a, b"),
+    ):
+        with pytest.raises(_CommandError, match=message):
+            parse_pairs_into(_Settings, pair, error=_CommandError, what="option", also_valid=["model"])
+    with pytest.raises(_CommandError, match=r"sizes must be >= 1"):  # the class's own checks pass through
+        parse_pairs_into(_Settings, {"sizes": "0"}, error=_CommandError)
+
+
+def test_stage_tokens_count_every_process_and_only_steps_that_run():
+    r = load_recipe(
+        "tiny",
+        {"stages.logits.steps": "10", "stages.logits.batch_size": "4", "stages.logits.grad_accum": "2"},
+    )
+    assert r.stages.logits.tokens_per_step(3, r.data.seq_len) == 4 * 2 * 3 * r.data.seq_len
+    assert r.stage_tokens("logits", 3) == 10 * 4 * 2 * 3 * r.data.seq_len
+    softmax = load_recipe("tiny", {"student.mixer": "softmax", "stages.attention.steps": "10"})
+    assert softmax.stage_tokens("attention", 1) == 0  # nothing to align: stage attention does not run
 
 
 def test_bad_choice_lists_choices():

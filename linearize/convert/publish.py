@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from linearize.config import parse_pairs_into
 from linearize.convert import checkpoint_check
 from linearize.convert.card import CardError, check_card, model_card, read_report
 from linearize.distill import checkpoint
@@ -67,18 +68,8 @@ class PublishSettings:
 
     @classmethod
     def from_pairs(cls, pairs: dict[str, str]) -> PublishSettings:
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        values: dict = {}
-        for key, raw in pairs.items():
-            if key not in fields:
-                raise PublishError(f"unknown publish setting {key!r}; settings: {', '.join(fields)}")
-            if fields[key].type == "bool":
-                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise PublishError(f"{key} must be true or false, got {raw!r}")
-                values[key] = raw.lower() in ("true", "1", "yes")
-            else:
-                values[key] = raw
-        settings = cls(**values)
+        """Settings from `linearize publish` `key=value` strings, read by `linearize.config.parse_pairs_into`."""
+        settings = parse_pairs_into(cls, pairs, error=PublishError, what="publish setting")
         if settings.repo.count("/") != 1 or not all(settings.repo.split("/")):
             raise PublishError(f"repo must be a Hub id like org/name, got {settings.repo!r}")
         if settings.mode not in MODES:

@@ -275,7 +275,7 @@ class MemoryEstimate:
     num_processes: int
     steps: int
     tokens: int
-    """steps * batch_size * grad_accum * num_processes * seq_len."""
+    """steps * batch_size * grad_accum * num_processes * seq_len (`Recipe.stage_tokens`)."""
     device_memory: int | None = None
     """Memory of one device the estimate is checked against, when known."""
     whole_model: int = 0
@@ -458,8 +458,8 @@ def estimate(
         params=counts,
         sharding=sharding,
         num_processes=n,
-        steps=cfg.steps,
-        tokens=cfg.steps * cfg.batch_size * cfg.grad_accum * n * recipe.data.seq_len,
+        steps=recipe.stage_steps(stage),
+        tokens=recipe.stage_tokens(stage, n),
         device_memory=device_memory_bytes,
         whole_model=max(counts.weight_bytes, counts.teacher_bytes),
     )

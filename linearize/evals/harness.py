@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from linearize.config import Recipe, parse_pairs_into
 from linearize.evals import EvalError, check_task_name, resolve_task
 
 TEACHER, STUDENT, WINDOW = "teacher", "student", "sliding_window"
@@ -108,34 +109,22 @@ class EvalSettings:
 
     @classmethod
     def from_pairs(cls, pairs: dict[str, str]) -> EvalSettings:
-        """Settings from `key=value` strings (values parsed as YAML: `mqar_pairs=[4,8]`; a list may also be
-        given comma-separated: `controls=window,branches`, `mqar_pairs=4,8`)."""
-        import yaml
+        """Settings from `linearize eval` `key=value` strings, read by `linearize.config.parse_pairs_into`."""
+        return parse_pairs_into(
+            cls, pairs, error=EvalError, what="eval option", also_valid=("model", "teacher", "tasks", "out")
+        )
 
-        names = [f.name for f in dataclasses.fields(cls)]
-        hints = typing.get_type_hints(cls)
-        kwargs: dict[str, Any] = {}
-        for key, raw in pairs.items():
-            if key not in names:
-                raise EvalError(
-                    f"unknown eval option {key!r}; valid: model, teacher, tasks, out, {', '.join(names)}"
-                )
-            value = yaml.safe_load(raw) if isinstance(raw, str) else raw
-            tp = hints[key]
-            if typing.get_origin(tp) is list and isinstance(value, str) and "," in value:
-                value = [yaml.safe_load(part) for part in value.split(",")]  # controls=window,branches
-            if typing.get_origin(tp) is list and not isinstance(value, list):
-                value = [value]
-            if tp is str or tp == list[str]:
-                value = [str(v) for v in value] if isinstance(value, list) else str(value)
-            if tp == list[float]:
-                value = [float(v) for v in value]
-            if typing.get_origin(tp) is typing.Literal and value not in typing.get_args(tp):
-                raise EvalError(
-                    f"{key}={value!r} is not valid; choose one of: {', '.join(typing.get_args(tp))}"
-                )
-            kwargs[key] = value
-        return cls(**kwargs)
+    @classmethod
+    def for_recipe(cls, recipe: Recipe, device: str | torch.device) -> EvalSettings:
+        """Settings of the eval run at the end of `convert`: the recipe's seed, `eval` section and BOS rule."""
+        return cls(
+            seed=recipe.seed,
+            device=str(device),
+            batch_size=recipe.eval.batch_size,
+            ppl_seq_len=recipe.eval.seq_len,
+            ppl_max_blocks=recipe.eval.max_blocks,
+            add_bos=recipe.data.add_bos,
+        )
 
 
 @dataclass

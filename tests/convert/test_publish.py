@@ -241,6 +241,11 @@ def test_settings_are_checked(folder):
         settings(mode="partial")
     with pytest.raises(PublishError, match="unknown publish setting 'privat'.*private"):
         settings(privat="true")
+    with pytest.raises(PublishError, match="dry_run must be true or false, got 'maybe'"):
+        settings(dry_run="maybe")
+    typed = settings(private="yes", revision="1.0", commit_message="fix: a, b")
+    assert typed.private is True
+    assert (typed.revision, typed.commit_message) == ("1.0", "fix: a, b")  # text fields keep what was written
     with pytest.raises(PublishError, match="not a complete export"):
         publish(folder.parent, settings(dry_run="true"), upload=never_upload, log=lambda _: None)
 

@@ -116,6 +116,27 @@ def test_settings_from_pairs_parse_lists_and_check_choices():
         EvalSettings.from_pairs({"ppl_mode": "sliding"})
 
 
+def test_settings_from_pairs_name_the_field_and_the_valid_keys():
+    s = EvalSettings.from_pairs({"ppl_data": "a.txt,b.txt", "passkey_depths": "0,0.5", "device": "cuda:1"})
+    assert s.ppl_data == ["a.txt", "b.txt"] and s.passkey_depths == [0.0, 0.5] and s.device == "cuda:1"
+    with pytest.raises(EvalError, match=r"batch_size must be an integer, got 'many'"):
+        EvalSettings.from_pairs({"batch_size": "many"})
+    with pytest.raises(
+        EvalError, match=r"unknown eval option 'mqar_pair'; valid keys: model, teacher, tasks, out, seed"
+    ):
+        EvalSettings.from_pairs({"mqar_pair": "[2]"})
+
+
+def test_settings_for_recipe_map_the_recipes_eval_section():
+    recipe = Recipe(seed=7)
+    recipe.eval.batch_size, recipe.eval.seq_len, recipe.eval.max_blocks = 3, 64, 5
+    recipe.data.add_bos = False
+    s = EvalSettings.for_recipe(recipe, torch.device("cpu"))
+    assert (s.seed, s.device, s.batch_size, s.add_bos) == (7, "cpu", 3, False)
+    assert (s.ppl_seq_len, s.ppl_max_blocks) == (64, 5)
+    assert s.mqar_pairs == EvalSettings().mqar_pairs  # what the recipe does not set keeps its default
+
+
 def test_ppl_scores_teacher_below_untrained_student_on_the_same_tokens(ctx):
     from linearize.evals.perplexity import perplexity, ppl_task
 
