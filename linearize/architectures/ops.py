@@ -7,11 +7,18 @@ import only torch).
 """
 
 try:
-    from linearize.kernels.gated_delta import gated_delta, gated_delta_step
-    from linearize.kernels.gated_linear_attn import gated_linear_attn, gated_linear_attn_step
-    from linearize.kernels.gated_slot_attn import gated_slot_attn, gated_slot_attn_step
-    from linearize.kernels.linear_attn import linear_attn
-    from linearize.kernels.window_linear import WindowLinearState, window_linear, window_linear_step
+    from linearize.kernels import (
+        WindowLinearState,
+        gated_delta,
+        gated_delta_step,
+        gated_linear_attn,
+        gated_linear_attn_step,
+        gated_slot_attn,
+        gated_slot_attn_step,
+        linear_attn,
+        window_linear,
+        window_linear_step,
+    )
 except ImportError:
     from .gated_delta_chunked import gated_delta_chunked as _delta_chunked
     from .gated_delta_step import gated_delta_step
