@@ -242,9 +242,7 @@ def convert(recipe: Recipe, only: str | None = None) -> Path:
                 f"[{stage}] skipped: student.mixer=softmax keeps every layer's attention, so there is nothing "
                 "to align (the fine-tuned-teacher control trains in stage logits only)"
             )
-        tokens[stage] = (
-            steps * cfg.batch_size * cfg.grad_accum * accelerator.num_processes * recipe.data.seq_len
-        )
+        tokens[stage] = recipe.stage_tokens(stage, accelerator.num_processes)
         if checkpoint.is_complete(final):
             accelerator.print(f"[{stage}] already done: loading {final}")
             plain = student.plain()
@@ -459,14 +457,7 @@ def run_eval_tasks(recipe: Recipe, out: Path, device, log) -> None:
     """The recipe's eval tasks on the exported student and the original teacher; report in <run>/report."""
     from linearize.evals.harness import EvalSettings, evaluate
 
-    settings = EvalSettings(
-        seed=recipe.seed,
-        device=str(device),
-        batch_size=recipe.eval.batch_size,
-        ppl_seq_len=recipe.eval.seq_len,
-        ppl_max_blocks=recipe.eval.max_blocks,
-        add_bos=recipe.data.add_bos,
-    )
+    settings = EvalSettings.for_recipe(recipe, device)
     results = evaluate(out, recipe.eval.tasks, out=recipe.run_dir / "report", settings=settings, log=log)
     log(f"evaluation report: {results['info']['report']}/report.md")
 

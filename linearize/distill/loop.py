@@ -255,8 +255,7 @@ def train_stage(
         accelerator.print(f"[{name}] resuming from {found[1]} (step {start}/{cfg.steps})")
     log.drop_after(name, start)
 
-    global_batch = per_process * accelerator.num_processes
-    tokens_per_step = global_batch * cfg.grad_accum * source.seq_len
+    tokens_per_step = cfg.tokens_per_step(accelerator.num_processes, source.seq_len)
     fault = _fault_hook(name, accelerator.process_index)
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(accelerator.device)
