@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from linearize.config import DataConfig, StudentConfig
 from linearize.convert.swap import plan_for, swap
 from linearize.convert.teachers import load_teacher
-from linearize.distill.data import build_splits
+from linearize.data import build_splits
 from linearize.distill.logit_cache import LogitCache, kl_from_topk, write_logit_cache
 
 

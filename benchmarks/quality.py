@@ -121,10 +121,8 @@ def control_overrides(recipe) -> dict[str, str] | None:
         return None
     return {
         "student.mixer": "softmax",
+        "student.settings": "{}",
         "student.layers": "all",
-        "student.gated_window": "false",
-        "student.feature_dim": "null",
-        "student.feature_bias": "false",
     }
 
 
@@ -572,8 +570,8 @@ def check_recipe(name: str, args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    from linearize.checkpoint import is_complete
     from linearize.config import load_recipe
-    from linearize.distill.checkpoint import is_complete
 
     runs, controls = plan_runs(args)
     context = teacher_context(args.teacher)

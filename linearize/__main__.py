@@ -1,3 +1,5 @@
+"""`python -m linearize`: runs the command-line interface (`linearize.cli.main`)."""
+
 from linearize.cli import main
 
 main()

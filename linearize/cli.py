@@ -24,7 +24,7 @@ commands:
 
 examples:
   linearize convert                                  # bundled tiny teacher, offline
-  linearize convert recipe=tiny stages.attention.steps=50 student.feature_map=t2r
+  linearize convert recipe=tiny stages.attention.steps=50 student.settings.feature_map=t2r
   linearize eval model=out/tiny/final tasks=ppl,recall,cloze,speed,controls,lm_eval:linearize_cloze
   linearize publish out/tiny/final repo=me/tiny-linear dry_run=true
 """
@@ -57,12 +57,12 @@ def cmd_options(_: dict[str, str]) -> None:
     from linearize.config import describe
 
     for key, default, doc in describe():
-        print(f"{key:<34}{default:<24}{doc}")
+        print(f"{key:<36}{default:<24}{doc}")
 
 
 def cmd_convert(pairs: dict[str, str]) -> None:
     from linearize.config import load_recipe
-    from linearize.convert.pipeline import convert
+    from linearize.pipeline import convert
 
     recipe_name = pairs.pop("recipe", None)
     convert(load_recipe(recipe_name, pairs))
@@ -73,7 +73,7 @@ def cmd_distill(pairs: dict[str, str]) -> None:
     import subprocess
 
     from linearize.config import RecipeError, accelerate_config_path, load_recipe
-    from linearize.convert.pipeline import STAGES, convert
+    from linearize.pipeline import STAGES, convert
 
     stage = pairs.pop("stage", None)
     if stage not in STAGES:
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: unknown command {command!r}; commands: {', '.join(COMMANDS)}")
     from linearize.config import RecipeError
     from linearize.convert.teachers import TeacherError
-    from linearize.distill.data import DataError
+    from linearize.data import DataError
 
     if command == "publish" and rest and "=" not in rest[0]:  # linearize publish <folder> key=value ...
         rest = [f"folder={rest[0]}", *rest[1:]]

@@ -17,11 +17,20 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from linearize.assets import package_folder
+from linearize.registry import (
+    EVAL_TASKS,
+    FEATURE_MAPS,
+    LEARNED_FEATURE_MAPS,
+    LM_EVAL_PREFIX,
+    MIXERS,
+    is_eval_task,
+)
 
 Settings = typing.TypeVar("Settings")
 
@@ -59,11 +68,16 @@ def parse_layer_plan(layers: str | list[int]) -> tuple[str, Any]:
 
 
 @dataclass(kw_only=True)
-class StudentConfig:
-    mixer: str = "linear"
-    """Mixer that replaces softmax attention in converted layers (see `linearize.architectures.MIXERS`)."""
+class SoftmaxSettings:
+    """`softmax`: the teacher's own attention in every layer (the fine-tuned-teacher control); no settings."""
+
+
+@dataclass(kw_only=True)
+class FeatureMapSettings:
+    """What every linear-attention mixer has: a feature map phi applied to queries and keys."""
+
     feature_map: str = "hedgehog"
-    """Feature map of the linear mixer (see `linearize.architectures.FEATURE_MAPS`)."""
+    """Feature map of the queries and keys (see `linearize.registry.FEATURE_MAPS`)."""
     feature_dim: int | None = None
     """Output size per head of the feature map's learned projection (`hedgehog`, `t2r`); None: the head
     dim. Hedgehog gives 2 x feature_dim features. Wider maps match softmax attention better on small heads
@@ -72,65 +86,154 @@ class StudentConfig:
     feature_bias: bool = False
     """`hedgehog`: a learned per-head bias inside the softmax, softmax(xW + b) (LoLCATs' feature-map MLP
     option). `t2r` always has its bias; `elu` and `relu` have no projection to bias."""
-    layers: str | list[int] = "all"
-    """Layer plan: `all` converts every layer; a list of layer indices keeps those as the teacher's softmax
-    attention; `every:K` keeps every K-th layer (K-1, 2K-1, ...); `auto:N` converts every layer for
-    stage 1, then keeps as softmax the N layers whose stage-1 alignment loss stays highest (the ranking is
-    written to the run folder, the config and the model card)."""
     eps: float = 1e-6
     """Added to the linear-attention denominator (the division is done in float32)."""
-    impl: Literal["auto", "chunked", "reference", "fla", "triton"] = "auto"
-    """Kernel form of the mixers' ops: `auto` picks Triton/fla on CUDA and chunked torch elsewhere; the
-    others force one (the step-by-step `reference` is for debugging; an op without that form refuses)."""
-    window: int = 64
-    """Softmax window W of the `window_linear` mixer: a query sees its last W tokens (itself included)
-    through softmax and all older ones through linear attention."""
-    window_factor_init: float = 0.5
-    """Initial per-head mix w = sigmoid(logit) of the window branch (`window_linear`, `gated` with
-    `gated_window`), in (0, 1)."""
-    gated_window: bool = False
-    """`gated` mixer: add Liger's sliding-window softmax branch over the last `window` tokens, mixed per
-    head with the gated branch (weight init `window_factor_init`)."""
-    num_slots: int = 64
-    """Memory slots M of the `gated_slot` mixer."""
 
     def __post_init__(self) -> None:
-        from linearize.architectures import FEATURE_MAPS, MIXERS
-
-        _check_choice("student.mixer", self.mixer, sorted(MIXERS))
-        _check_choice("student.feature_map", self.feature_map, sorted(FEATURE_MAPS))
-        parse_layer_plan(self.layers)
+        _check_choice("feature_map", self.feature_map, sorted(FEATURE_MAPS))
         if self.eps <= 0:
-            raise RecipeError(f"student.eps must be > 0, got {self.eps}")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise RecipeError(f"student.window must be an integer >= 1, got {self.window!r}")
-        from linearize.architectures import LEARNED_FEATURE_MAPS
-
-        learned = self.feature_map in LEARNED_FEATURE_MAPS
+            raise RecipeError(f"eps must be > 0, got {self.eps}")
         if self.feature_dim is not None and (
             isinstance(self.feature_dim, bool)
             or not isinstance(self.feature_dim, int)
             or self.feature_dim < 1
         ):
+            raise RecipeError(f"feature_dim must be an integer >= 1 or null, got {self.feature_dim!r}")
+        if self.feature_map not in LEARNED_FEATURE_MAPS and (
+            self.feature_dim is not None or self.feature_bias
+        ):
             raise RecipeError(
-                f"student.feature_dim must be an integer >= 1 or null, got {self.feature_dim!r}"
+                f"feature_map={self.feature_map!r} has no learned projection, so feature_dim and feature_bias "
+                "do not apply; use hedgehog or t2r, or drop them"
             )
-        if not learned and (self.feature_dim is not None or self.feature_bias):
-            raise RecipeError(
-                f"student.feature_map={self.feature_map!r} has no learned projection, so student.feature_dim "
-                f"and student.feature_bias do not apply; use hedgehog or t2r, or drop them"
-            )
-        if self.gated_window and self.mixer != "gated":
-            raise RecipeError(
-                f"student.gated_window applies to the `gated` mixer only, not to {self.mixer!r}; "
-                f"set student.mixer=gated or drop gated_window"
-            )
+
+
+def _check_window(window: int, factor_init: float) -> None:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise RecipeError(f"window must be an integer >= 1, got {window!r}")
+    if not 0 < factor_init < 1:
+        raise RecipeError(f"window_factor_init must lie in the open interval (0, 1), got {factor_init}")
+
+
+@dataclass(kw_only=True)
+class LinearSettings(FeatureMapSettings):
+    """`linear`: normalised linear attention phi(q) phi(k)^T v (Hedgehog / LoLCATs without a window)."""
+
+
+@dataclass(kw_only=True)
+class WindowLinearSettings(FeatureMapSettings):
+    """`window_linear`: softmax over the last `window` tokens plus linear attention over the older ones."""
+
+    window: int = 64
+    """Softmax window W: a query sees its last W tokens (itself included) through softmax and all older
+    ones through linear attention."""
+    window_factor_init: float = 0.5
+    """Initial per-head mix w = sigmoid(logit) of the window branch, in (0, 1)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_window(self.window, self.window_factor_init)
+
+
+@dataclass(kw_only=True)
+class GatedSettings(FeatureMapSettings):
+    """`gated`: gated linear attention in the Liger style, optionally with a sliding-window softmax branch."""
+
+    gated_window: bool = False
+    """Add Liger's sliding-window softmax branch over the last `window` tokens, mixed per head with the
+    gated branch (weight init `window_factor_init`)."""
+    window: int = 64
+    """Softmax window W of the window branch (with `gated_window`)."""
+    window_factor_init: float = 0.5
+    """Initial per-head mix w = sigmoid(logit) of the window branch, in (0, 1) (with `gated_window`)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_window(self.window, self.window_factor_init)
+
+
+@dataclass(kw_only=True)
+class GatedSlotSettings(FeatureMapSettings):
+    """`gated_slot`: gated slot attention (GSA): a bounded memory of `num_slots` slots per head."""
+
+    num_slots: int = 64
+    """Memory slots M per head."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.num_slots, bool) or not isinstance(self.num_slots, int) or self.num_slots < 1:
-            raise RecipeError(f"student.num_slots must be an integer >= 1, got {self.num_slots!r}")
-        if not 0 < self.window_factor_init < 1:
+            raise RecipeError(f"num_slots must be an integer >= 1, got {self.num_slots!r}")
+
+
+@dataclass(kw_only=True)
+class GatedDeltaSettings(FeatureMapSettings):
+    """`gated_delta`: the gated delta rule (Gated DeltaNet) on feature-mapped queries and keys."""
+
+
+MIXER_SETTINGS: dict[str, type] = {
+    "softmax": SoftmaxSettings,
+    "linear": LinearSettings,
+    "window_linear": WindowLinearSettings,
+    "gated": GatedSettings,
+    "gated_slot": GatedSlotSettings,
+    "gated_delta": GatedDeltaSettings,
+}
+"""The settings dataclass of each mixer; `student.settings` is built as the one `student.mixer` selects."""
+
+MixerSettings = (
+    SoftmaxSettings
+    | LinearSettings
+    | WindowLinearSettings
+    | GatedSettings
+    | GatedSlotSettings
+    | GatedDeltaSettings
+)
+
+
+@dataclass(kw_only=True)
+class StudentConfig:
+    RENAMED: typing.ClassVar[dict[str, str]] = {
+        name: f"settings.{name}"
+        for name in ("feature_map", "feature_dim", "feature_bias", "eps", "window", "window_factor_init")
+        + ("gated_window", "num_slots")
+    }
+    """Keys of earlier recipes and where they live now (a recipe that uses one is told)."""
+
+    mixer: str = "linear"
+    """Mixer that replaces softmax attention in converted layers (see `linearize.registry.MIXERS`)."""
+    settings: Any = None
+    """The mixer's own settings, a mapping checked against the dataclass `student.mixer` selects (see
+    `MIXER_SETTINGS` and `linearize options`); unset keys take that mixer's defaults."""
+    layers: str | list[int] = "all"
+    """Layer plan: `all` converts every layer; a list of layer indices keeps those as the teacher's softmax
+    attention; `every:K` keeps every K-th layer (K-1, 2K-1, ...); `auto:N` converts every layer for
+    stage 1, then keeps as softmax the N layers whose stage-1 alignment loss stays highest (the ranking is
+    written to the run folder, the config and the model card)."""
+    impl: Literal["auto", "chunked", "reference", "fla", "triton"] = "auto"
+    """Kernel form of the mixers' ops: `auto` picks Triton/fla on CUDA and chunked torch elsewhere; the
+    others force one (the step-by-step `reference` is for debugging; an op without that form refuses)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("student.mixer", self.mixer, sorted(MIXERS))
+        parse_layer_plan(self.layers)
+        cls = MIXER_SETTINGS[self.mixer]
+        if isinstance(self.settings, cls):
+            return
+        data = {} if self.settings is None else self.settings
+        if not isinstance(data, dict):
             raise RecipeError(
-                f"student.window_factor_init must lie in the open interval (0, 1), got {self.window_factor_init}"
+                f"student.settings must be a mapping of the {self.mixer} mixer's settings, got {data!r}"
             )
+        try:
+            self.settings = _build(cls, data, "student.settings")
+        except RecipeError as err:
+            if not str(err).startswith("unknown"):
+                raise
+            fields = ", ".join(f.name for f in dataclasses.fields(cls)) or "none"
+            raise RecipeError(
+                f"student.settings of the {self.mixer} mixer: {err}. Its settings: {fields}; after changing "
+                "student.mixer give the new mixer's settings, e.g. student.settings={} for its defaults"
+            ) from None
 
 
 @dataclass(kw_only=True)
@@ -304,26 +407,22 @@ class EvalConfig:
     (report in `<run>/report`): ppl, recall, cloze, speed, controls, lm_eval:<task>; empty: none."""
 
     def __post_init__(self) -> None:
-        from linearize.evals import LM_EVAL_PREFIX, TASKS
-
         for name in ("seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise RecipeError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_blocks < 0:
             raise RecipeError(f"eval.max_blocks must be >= 0, got {self.max_blocks}")
         for task in self.tasks:
-            if task not in TASKS and not (
-                task.startswith(LM_EVAL_PREFIX) and len(task) > len(LM_EVAL_PREFIX)
-            ):
+            if not is_eval_task(task):
                 raise RecipeError(
-                    f"eval.tasks: {task!r} is not valid; choose from: {', '.join(TASKS)}, {LM_EVAL_PREFIX}<task>"
+                    f"eval.tasks: {task!r} is not valid; choose from: {', '.join(EVAL_TASKS)}, {LM_EVAL_PREFIX}<task>"
                 )
 
 
 def shipped_accelerate_configs() -> dict[str, Path]:
     """Name → path of every accelerate config shipped in `linearize/launch` (ddp, fsdp2, zero2, ...)."""
-    folder = resources.files("linearize") / "launch"
-    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+    folder = package_folder("launch")
+    return {p.stem: p for p in folder.iterdir() if p.suffix == ".yaml"}
 
 
 def accelerate_config_path(name: str) -> Path:
@@ -473,6 +572,8 @@ def _coerce(
 ) -> Any:
     """Check `value` against the annotation `tp`, converting where the conversion is lossless."""
     origin = typing.get_origin(tp)
+    if tp is Any:  # checked by the dataclass itself (student.settings)
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise error(f"{path} must be a mapping of {sorted(f.name for f in dataclasses.fields(tp))}")
@@ -536,6 +637,10 @@ def _build(
     unknown = [k for k in data if k not in names]
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        moved = getattr(cls, "RENAMED", {}).get(unknown[0])
+        if moved:
+            where = f"{prefix}.{moved}" if prefix else moved
+            raise error(f"{what} {key!r} is now {where!r}: move it there")
         raise error(f"unknown {what} {key!r}; valid keys: {', '.join([*also_valid, *names])}")
     hints = typing.get_type_hints(cls)
     kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, v, hints[k], error, what) for k, v in data.items()}
@@ -622,8 +727,8 @@ def parse_pairs_into(
 
 def shipped_recipes() -> dict[str, Path]:
     """Name → path of every recipe shipped inside the package."""
-    folder = resources.files("linearize") / "recipes"
-    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+    folder = package_folder("recipes")
+    return {p.stem: p for p in folder.iterdir() if p.suffix == ".yaml"}
 
 
 def load_recipe(name_or_path: str | None = None, overrides: dict[str, str] | None = None) -> Recipe:
@@ -657,9 +762,20 @@ def describe(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str]]
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hints[f.name]):
+        if cls is StudentConfig and f.name == "settings":
+            rows += _describe_settings(key + ".")
+        elif dataclasses.is_dataclass(hints[f.name]):
             rows += describe(hints[f.name], key + ".")
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             rows.append((key, repr(default), docs.get(f.name, "")))
     return rows
+
+
+def _describe_settings(prefix: str) -> list[tuple[str, str, str]]:
+    """`student.settings.<key>` rows: each key once, with the mixers that have it."""
+    rows: dict[str, tuple[str, str, list[str]]] = {}
+    for mixer, cls in MIXER_SETTINGS.items():
+        for key, default, doc in describe(cls, prefix):
+            rows.setdefault(key, (default, doc, []))[2].append(mixer)
+    return [(key, default, f"[{', '.join(mixers)}] {doc}") for key, (default, doc, mixers) in rows.items()]

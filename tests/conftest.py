@@ -16,6 +16,14 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 FAMILIES = ["llama", "llama3_rope", "qwen2", "qwen3", "mistral"]
 
 
+def student_config(**fields):
+    """A StudentConfig from flat fields: mixer, layers and impl as they are, the rest the mixer's settings."""
+    from linearize.config import StudentConfig
+
+    top = {k: fields.pop(k) for k in ("mixer", "layers", "impl") if k in fields}
+    return StudentConfig(**top, settings=fields)
+
+
 def tiny_config(family: str):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 

@@ -37,7 +37,8 @@ def teacher_config(teacher_path: str):
     """The teacher's config without the Hub: the bundled teacher's own, else the stored fixture."""
     from transformers import AutoConfig
 
-    from linearize.convert.teachers import BUNDLED_PREFIX, resolve_path
+    from linearize.assets import BUNDLED_PREFIX
+    from linearize.convert.teachers import resolve_path
 
     if teacher_path.startswith(BUNDLED_PREFIX):
         return AutoConfig.from_pretrained(resolve_path(teacher_path))
@@ -65,7 +66,8 @@ def test_every_shipped_recipe_loads_and_validates(name):
 def test_every_shipped_recipe_builds_and_fits_its_hardware(name):
     """The accelerate config resolves, the teacher is known offline, the student builds on the meta device
     from the config alone, and each stage's memory estimate fits the device memory the recipe names."""
-    from linearize.distill.memory import Sharding, check_fits, estimate
+    from linearize.distill.memory import check_fits, estimate
+    from linearize.distributed import Sharding
 
     recipe = load_recipe(name)
     launch = recipe.launch
@@ -173,11 +175,11 @@ def test_dotted_overrides_are_typed():
             "stages.attention.steps": "50",
             "stages.logits.lr": "3e-4",
             "student.layers": "[0, 3]",
-            "student.feature_map": "t2r",
+            "student.settings.feature_map": "t2r",
         },
     )
     assert r.stages.attention.steps == 50 and r.stages.logits.lr == 3e-4
-    assert r.student.layers == [0, 3] and r.student.feature_map == "t2r"
+    assert r.student.layers == [0, 3] and r.student.settings.feature_map == "t2r"
 
 
 def test_unknown_key_lists_valid_keys():
@@ -266,16 +268,18 @@ def test_stage_tokens_count_every_process_and_only_steps_that_run():
     )
     assert r.stages.logits.tokens_per_step(3, r.data.seq_len) == 4 * 2 * 3 * r.data.seq_len
     assert r.stage_tokens("logits", 3) == 10 * 4 * 2 * 3 * r.data.seq_len
-    softmax = load_recipe("tiny", {"student.mixer": "softmax", "stages.attention.steps": "10"})
+    softmax = load_recipe(
+        "tiny", {"student.mixer": "softmax", "student.settings": "{}", "stages.attention.steps": "10"}
+    )
     assert softmax.stage_tokens("attention", 1) == 0  # nothing to align: stage attention does not run
 
 
 def test_bad_choice_lists_choices():
     with pytest.raises(
         RecipeError,
-        match=r"student\.feature_map='hedgehug' is not valid; choose one of: elu, hedgehog, relu, t2r",
+        match=r"student\.settings\.feature_map='hedgehug' is not valid; choose one of: elu, hedgehog, relu, t2r",
     ):
-        load_recipe("tiny", {"student.feature_map": "hedgehug"})
+        load_recipe("tiny", {"student.settings.feature_map": "hedgehug"})
     with pytest.raises(RecipeError, match=r"train\.precision='fp8' is not valid; choose one of: fp32, bf16"):
         load_recipe("tiny", {"train.precision": "fp8"})
     with pytest.raises(RecipeError, match=r"stages\.logits\.trainable"):
@@ -310,9 +314,51 @@ def test_field_docs_read_docstrings():
 
 
 def test_feature_dim_and_bias_are_checked():
-    r = load_recipe("tiny", {"student.feature_dim": "32", "student.feature_bias": "true"})
-    assert (r.student.feature_dim, r.student.feature_bias) == (32, True)
-    with pytest.raises(RecipeError, match=r"student\.feature_dim must be an integer >= 1 or null, got 0"):
-        load_recipe("tiny", {"student.feature_dim": "0"})
-    with pytest.raises(RecipeError, match=r"student\.feature_map='elu' has no learned projection"):
-        load_recipe("tiny", {"student.feature_map": "elu", "student.feature_bias": "true"})
+    r = load_recipe("tiny", {"student.settings.feature_dim": "32", "student.settings.feature_bias": "true"})
+    assert (r.student.settings.feature_dim, r.student.settings.feature_bias) == (32, True)
+    with pytest.raises(
+        RecipeError, match=r"student\.settings\.feature_dim must be an integer >= 1 or null, got 0"
+    ):
+        load_recipe("tiny", {"student.settings.feature_dim": "0"})
+    with pytest.raises(RecipeError, match=r"student\.settings\.feature_map='elu' has no learned projection"):
+        load_recipe("tiny", {"student.settings.feature_map": "elu", "student.settings.feature_bias": "true"})
+
+
+def test_each_mixer_has_its_own_settings():
+    """`student.settings` is the dataclass `student.mixer` selects: its defaults, its keys only, saved and
+    reloaded as written; an earlier recipe's flat key names where it lives now."""
+    from linearize.config import MIXER_SETTINGS, GatedSlotSettings, LinearSettings, WindowLinearSettings
+    from linearize.registry import MIXERS
+
+    assert set(MIXER_SETTINGS) == set(MIXERS)
+    r = load_recipe("tiny", {"student.mixer": "window_linear", "student.settings.window": "16"})
+    assert isinstance(r.student.settings, WindowLinearSettings) and r.student.settings.window == 16
+    assert (
+        r.student.settings.feature_dim == 32
+    )  # the tiny recipe's settings carry over: window_linear has them
+    assert load_recipe(str(write(r))).student == r.student
+    slots = load_recipe("tiny", {"student.mixer": "gated_slot", "student.settings": "{num_slots: 8}"})
+    assert slots.student.settings == GatedSlotSettings(num_slots=8)
+    assert load_recipe("tiny").to_dict()["student"]["settings"] == dataclasses.asdict(
+        LinearSettings(feature_dim=32, feature_bias=True)
+    )
+    with pytest.raises(
+        RecipeError,
+        match=r"student.settings of the linear mixer: unknown recipe key "
+        r"'student.settings.num_slots'.*Its settings: feature_map, feature_dim, feature_bias, eps",
+    ):
+        load_recipe("tiny", {"student.settings.num_slots": "8"})
+    with pytest.raises(RecipeError, match=r"student.settings of the softmax mixer.*student.settings=\{\}"):
+        load_recipe("tiny", {"student.mixer": "softmax"})
+    with pytest.raises(
+        RecipeError, match=r"'student.window' is now 'student.settings.window': move it there"
+    ):
+        load_recipe("tiny", {"student.window": "8"})
+
+
+def write(recipe):
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / "recipe.yaml"
+    path.write_text(recipe.to_yaml())
+    return path

@@ -9,21 +9,16 @@ untouched.
 Every non-softmax mixer keeps a fixed-size decode state in its cache layer's recurrent states (how many:
 `configuration_linearize.mixer_state_count`); padded keys (`padding_mask` = 0) enter no state.
 
-Modes (set with `mode(model, name)`):
-- "student": the mixer's own math.
-- "teacher": softmax attention through the teacher class's own forward (same weights).
-- "align":   stage 1 — returns the teacher output (so every layer sees the teacher's input) and
-             records MSE(student output, teacher output) in `alignment_loss`.
-- "window_only", "linear_only", "no_attention": branch controls of the hybrid mixers (`window_linear`,
-             `gated` with a window); kept softmax layers stay softmax, any other mixer refuses them.
+A mixer's `forward` is always the student's computation: nothing switches it from outside. Stage 1
+(`linearize.distill.stages`) calls each mixer on the teacher's captured attention inputs; the hybrid mixers
+(`window_linear`, `gated` with a window) also run one branch alone through `forward_branch`, which the
+evals' branch controls (`linearize.evals.controls`) call.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -44,9 +39,14 @@ from .ops import (
     window_linear_step,
 )
 
-CONTROL_MODES = ("window_only", "linear_only", "no_attention")
-BASE_MODES = ("student", "teacher", "align")
-MODES = (*BASE_MODES, *CONTROL_MODES)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from transformers.cache_utils import Cache
+
+BRANCHES = ("window_only", "linear_only", "no_attention")
+"""The branch controls a hybrid mixer runs through `forward_branch`: its window branch alone, its linear
+(or gated) branch alone over all keys, and o_proj(0)."""
 PAD_SCORE = -30000.0  # softmax score of a padded key: representable in fp16/bf16, e^(PAD_SCORE - m) == 0
 
 
@@ -57,7 +57,7 @@ class Mixer(nn.Module):
     into softmax by an `auto:N` layer plan): then only the teacher's parts carry over.
     """
 
-    supported_modes: tuple[str, ...] = BASE_MODES
+    branches: tuple[str, ...] = ()  # the branch controls `forward_branch` runs (hybrid mixers: BRANCHES)
     num_states = 0  # recurrent states this mixer keeps in its cache layer
 
     def __init__(self, teacher_attn: nn.Module, spec: dict[str, Any]):
@@ -83,8 +83,6 @@ class Mixer(nn.Module):
         self.spec = dict(spec)
         self.num_heads = self.config.num_attention_heads
         self.num_kv_heads = self.config.num_key_value_heads
-        self.mode = "student"
-        self.alignment_loss: torch.Tensor | None = None
         self.eps = float(spec.get("eps", 1e-6))
         self.impl = spec.get("impl", "auto")
         self.softmax_scale = float(getattr(self, "scaling", self.head_dim**-0.5))
@@ -107,7 +105,7 @@ class Mixer(nn.Module):
         self.feature_map_k = fmap(self.num_kv_heads, self.head_dim, **extra)
         return fmap.feature_dim(self.head_dim, extra.get("width"))
 
-    def project(self, hidden_states):
+    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Raw q: [B, T, H, D], k, v: [B, T, H_kv, D] (before q/k norms and RoPE)."""
         batch, seq = hidden_states.shape[:2]
         q = self.q_proj(hidden_states).view(batch, seq, self.num_heads, self.head_dim)
@@ -115,14 +113,18 @@ class Mixer(nn.Module):
         v = self.v_proj(hidden_states).view(batch, seq, self.num_kv_heads, self.head_dim)
         return q, k, v
 
-    def rotate(self, q, k, position_embeddings):
+    def rotate(
+        self, q: torch.Tensor, k: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's q/k norms (Qwen3) and RoPE, in the [B, T, H, D] layout."""
         if getattr(self, "q_norm", None) is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
         return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
 
-    def rotary_qkv(self, hidden_states, position_embeddings):
+    def rotary_qkv(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q: [B, T, H, D], k, v: [B, T, H_kv, D] after the teacher's q/k norms and RoPE."""
         q, k, v = self.project(hidden_states)
         q, k = self.rotate(q, k, position_embeddings)
@@ -139,7 +141,7 @@ class Mixer(nn.Module):
         padding_mask = kwargs.get("padding_mask")
         return None if padding_mask is None else padding_mask[:, -seq:].bool()
 
-    def load_states(self, cache, count: int, first: int = 0) -> list[torch.Tensor] | None:
+    def load_states(self, cache: Cache | None, count: int, first: int = 0) -> list[torch.Tensor] | None:
         """Recurrent states first..first+count-1 of this layer's cache entry, or None before any write."""
         if cache is None:
             return None
@@ -154,7 +156,16 @@ class Mixer(nn.Module):
         parts = [cache.get_recurrent_state(self.layer_idx, first + i) for i in range(count)]
         return None if parts[0] is None else parts
 
-    def run_cached(self, cache, seq: int, scan, step=None, count: int = 1, first: int = 0, pack=None):
+    def run_cached(
+        self,
+        cache: Cache | None,
+        seq: int,
+        scan: Callable[[Any, bool], tuple[torch.Tensor, Any]],
+        step: Callable[[Any], tuple[torch.Tensor, Any]] | None = None,
+        count: int = 1,
+        first: int = 0,
+        pack: Callable[[list[torch.Tensor]], Any] | None = None,
+    ) -> torch.Tensor:
         """Run one op from this layer's decode state (recurrent states first..first+count-1) and store the
         state it ends in. `scan(state, output_final_state)` runs the op over the chunk (state None before any
         write); `step(state)` decodes one token from an existing state, when the op has a step form. `pack`
@@ -171,44 +182,73 @@ class Mixer(nn.Module):
             self.store_states(cache, [final] if count == 1 else final, first)
         return out
 
-    def store_states(self, cache, states, first: int = 0) -> None:
+    def store_states(self, cache: Cache, states: Sequence[torch.Tensor], first: int = 0) -> None:
         for i, part in enumerate(states):
             cache.update_recurrent_state(part, self.layer_idx, first + i)
             # transformers marks a state as present only when a conv state is written; we have none
             cache.layers[self.layer_idx].has_previous_state[first + i] = True
 
     # ---- forward -------------------------------------------------------------------------------------
-    def softmax_forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+    def softmax_forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The teacher's attention, computed by its own class with this mixer's weights."""
         return self.teacher_cls.forward(
             self, hidden_states, position_embeddings, attention_mask, cache, **kwargs
         )
 
-    def student_forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+    def attend(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """The mixer's output [B, T, hidden] (after o_proj)."""
         raise NotImplementedError
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
-        if self.mode == "teacher":
-            return self.softmax_forward(hidden_states, position_embeddings, attention_mask, cache, **kwargs)
-        if self.mode == "align":
-            with torch.no_grad():
-                target, _ = self.softmax_forward(
-                    hidden_states, position_embeddings, attention_mask, None, **kwargs
-                )
-            out = self.student_forward(hidden_states, position_embeddings, attention_mask, None, **kwargs)
-            self.alignment_loss = F.mse_loss(out.float(), target.float())
-            # The loss is also returned where attention weights go (the decoder layer drops them): a sharding
-            # wrapper around this module (FSDP2) hooks its outputs, and only an output on the loss's path
-            # makes it gather this module's weights again before the loss's backward runs through o_proj.
-            return target, self.alignment_loss
-        return self.student_forward(hidden_states, position_embeddings, attention_mask, cache, **kwargs), None
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The replaced attention's signature and returns: (output, None)."""
+        return self.attend(hidden_states, position_embeddings, attention_mask, cache, **kwargs), None
+
+    def forward_branch(
+        self,
+        branch: str,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        """`forward` with one branch of a hybrid mixer alone (see BRANCHES); (output, None)."""
+        if branch not in self.branches:
+            raise ValueError(
+                f"branch {branch!r} needs a hybrid mixer (window_linear, or gated with student.settings.gated_window) "
+                f"that has it; layer {self.layer_idx} is {type(self).__name__} with branches {self.branches}"
+            )
+        return self.attend(
+            hidden_states, position_embeddings, attention_mask, cache, branch=branch, **kwargs
+        ), None
 
     def heads_out(self, out: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """o_proj of [B, T, H, V] head outputs."""
         batch, seq = hidden_states.shape[:2]
         return self.o_proj(out.reshape(batch, seq, -1).to(hidden_states.dtype))
 
-    def no_attention(self, hidden_states):
+    def no_attention(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """o_proj(0): the "no_attention" control (o_proj's bias where it has one)."""
         batch, seq = hidden_states.shape[:2]
         return self.o_proj(hidden_states.new_zeros(batch, seq, self.num_heads * self.head_dim))
@@ -217,15 +257,14 @@ class Mixer(nn.Module):
 class SoftmaxMixer(Mixer):
     """The teacher's softmax attention, unchanged (layers a plan keeps); the branch controls leave it be."""
 
-    supported_modes = MODES
-
-    def student_forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
-        return self.softmax_forward(hidden_states, position_embeddings, attention_mask, cache, **kwargs)[0]
-
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
-        if self.mode == "align":  # nothing to align: pass the teacher output on
-            self.alignment_loss = None
-            return self.softmax_forward(hidden_states, position_embeddings, attention_mask, None, **kwargs)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.softmax_forward(hidden_states, position_embeddings, attention_mask, cache, **kwargs)
 
 
@@ -243,7 +282,14 @@ class LinearMixer(Mixer):
         super().__init__(teacher_attn, spec)
         self.add_feature_maps()
 
-    def student_forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+    def attend(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         q, k, v = self.rotary_qkv(hidden_states, position_embeddings)
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)
         keep = self.key_mask(kwargs, q.shape[1])
@@ -252,7 +298,9 @@ class LinearMixer(Mixer):
         fk, v = self.repeat_kv(fk, v)
         return self.heads_out(self.linear_attention(fq, fk, v, cache), hidden_states)
 
-    def linear_attention(self, fq, fk, v, cache):
+    def linear_attention(
+        self, fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, cache: Cache | None
+    ) -> torch.Tensor:
         args = dict(scale=1.0, normalize=True, eps=self.eps, impl=self.impl)
         return self.run_cached(
             cache,
@@ -263,7 +311,18 @@ class LinearMixer(Mixer):
         )
 
 
-def windowed_attention(mixer, q, k, v, fq, fk, keep, window_factor, cache, first_state):
+def windowed_attention(
+    mixer: WindowLinearMixer | GatedMixer,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    keep: torch.Tensor | None,
+    window_factor: torch.Tensor,
+    cache: Cache | None,
+    first_state: int,
+) -> torch.Tensor:
     """Run the `window_linear` op for a mixer, with its decode state at recurrent states
     first_state..first_state+4 of the mixer's cache layer.
 
@@ -303,16 +362,16 @@ class WindowLinearMixer(LinearMixer):
     and RoPE for both parts. Decoding keeps a fixed-size `WindowLinearState` per layer (W window slots and
     one [F, V+1] state per head) as the five recurrent states of the layer's cache entry.
 
-    Branch controls (modes), for the evals' `controls` task:
+    Branch controls (`forward_branch`), for the evals' `controls` task:
     - "window_only": the window branch alone (w = 1): the same op with phi(q) = 0, so the output is the
       windowed softmax up to eps / w in the denominator.
     - "linear_only": the linear branch alone over ALL keys s <= t (the window's keys included), i.e. the
       `linear` mixer's normalised linear attention with these feature maps.
     - "no_attention": zeros before o_proj, i.e. o_proj(0) (o_proj's bias where it has one).
-    A cache belongs to the mode that filled it; linear_only keeps its state in recurrent state 0.
+    A cache belongs to the branch that filled it; linear_only keeps its state in recurrent state 0.
     """
 
-    supported_modes = MODES
+    branches = BRANCHES
     num_states = len(WindowLinearState._fields)
 
     def __init__(self, teacher_attn: nn.Module, spec: dict[str, Any]):
@@ -321,8 +380,16 @@ class WindowLinearMixer(LinearMixer):
         init = float(spec.get("window_factor_init", 0.5))
         self.window_factor_logit = nn.Parameter(torch.full((self.num_heads,), math.log(init / (1 - init))))
 
-    def student_forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
-        if self.mode == "no_attention":
+    def attend(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        branch: str | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if branch == "no_attention":
             return self.no_attention(hidden_states)
         q, k, v = self.rotary_qkv(hidden_states, position_embeddings)
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)
@@ -330,10 +397,10 @@ class WindowLinearMixer(LinearMixer):
         if keep is not None:  # padded keys must not enter the state or the normaliser
             fk = fk * keep[:, :, None, None].to(fk.dtype)
         k, fk, v = self.repeat_kv(k, fk, v)
-        if self.mode == "linear_only":
+        if branch == "linear_only":
             out = self.linear_attention(fq, fk, v, cache)
         else:
-            if self.mode == "window_only":
+            if branch == "window_only":
                 fq = torch.zeros_like(fq)
             window_factor = torch.sigmoid(self.window_factor_logit.float())
             out = windowed_attention(self, q, k, v, fq, fk, keep, window_factor, cache, 0)
@@ -367,7 +434,7 @@ class GatedMixer(Mixer):
         self.window = int(spec.get("window", 64)) if spec.get("gated_window") else 0
         self.num_states = 1 + (len(WindowLinearState._fields) if self.window else 0)
         if self.window:
-            self.supported_modes = MODES
+            self.branches = BRANCHES
             init = float(spec.get("window_factor_init", 0.5))
             self.window_factor_logit = nn.Parameter(
                 torch.full((self.num_heads,), math.log(init / (1 - init)))
@@ -382,8 +449,16 @@ class GatedMixer(Mixer):
         pooled = pooled.view(batch, seq, self.num_kv_heads, self.feature_dim) + self.gate_bias.float()
         return F.logsigmoid(pooled) / self.GATE_NORMALIZER
 
-    def student_forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
-        if self.mode == "no_attention":
+    def attend(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        branch: str | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if branch == "no_attention":
             return self.no_attention(hidden_states)
         q, k_raw, v = self.project(hidden_states)
         g = self.log_decay(k_raw)
@@ -394,9 +469,9 @@ class GatedMixer(Mixer):
             fk = fk * keep[:, :, None, None].to(fk.dtype)
             g = g * keep[:, :, None, None]
         k, fk, v, g = self.repeat_kv(k, fk, v, g)
-        if self.mode == "window_only":
+        if branch == "window_only":
             out = self.window_branch(q, k, v, keep, cache)
-        elif self.mode == "linear_only" or not self.window:
+        elif branch == "linear_only" or not self.window:
             out = self.gated(fq, fk, v, g, cache)
         else:
             gated = self.gated(fq, fk, v, g, cache)
@@ -405,14 +480,23 @@ class GatedMixer(Mixer):
             out = w * window.float() + (1 - w) * gated.float()
         return self.heads_out(out, hidden_states)
 
-    def window_branch(self, q, k, v, keep, cache):
+    def window_branch(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        keep: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> torch.Tensor:
         """Exact softmax over the last W keys: the window_linear op with phi(q) = phi(k) = 0 (width 1), whose
         output is then sum e^s v / (sum e^s + eps / w) for any mix w; w = 1/2."""
         zeros = q.new_zeros(*q.shape[:3], 1)
         half = torch.full((self.num_heads,), 0.5, device=q.device)
         return windowed_attention(self, q, k, v, zeros, zeros, keep, half, cache, 1)
 
-    def gated(self, fq, fk, v, g, cache):
+    def gated(
+        self, fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, g: torch.Tensor, cache: Cache | None
+    ) -> torch.Tensor:
         v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
         out = self.run_cached(
             cache,
@@ -452,7 +536,14 @@ class GatedSlotMixer(Mixer):
         self.slot_proj = nn.Linear(hidden, self.num_kv_heads * self.num_slots, bias=False)
         nn.init.normal_(self.slot_proj.weight, std=0.02 / math.sqrt(max(hidden / 64, 1.0)))
 
-    def student_forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+    def attend(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         batch, seq = hidden_states.shape[:2]
         q, k, v = self.rotary_qkv(hidden_states, position_embeddings)
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)
@@ -505,7 +596,14 @@ class GatedDeltaMixer(Mixer):
         dt = torch.empty(heads).uniform_(math.log(1e-3), math.log(0.1)).exp()
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
 
-    def student_forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+    def attend(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         seq = hidden_states.shape[1]
         q, k, v = self.rotary_qkv(hidden_states, position_embeddings)
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)
@@ -578,25 +676,3 @@ def keep_softmax(layers: nn.ModuleList, indices: list[int]) -> None:
 
 def mixers(model: nn.Module) -> list[Mixer]:
     return [m for m in model.modules() if isinstance(m, Mixer)]
-
-
-@contextmanager
-def mode(model: nn.Module, name: str) -> Iterator[list[Mixer]]:
-    """Temporarily put every mixer of `model` in mode `name`; yields the mixers."""
-    if name not in MODES:
-        raise ValueError(f"unknown mixer mode {name!r}; known: {', '.join(MODES)}")
-    found = mixers(model)
-    for m in found:
-        if name not in m.supported_modes:
-            raise ValueError(
-                f"mode {name!r} needs a hybrid mixer (window_linear, or gated with student.gated_window); "
-                f"layer {m.layer_idx} is {type(m).__name__}"
-            )
-    previous = [m.mode for m in found]
-    for m in found:
-        m.mode = name
-    try:
-        yield found
-    finally:
-        for m, prev in zip(found, previous):
-            m.mode = prev

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import (
@@ -37,6 +38,13 @@ from .configuration_linearize import (
 )
 from .mixers import apply_plan
 
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Iterable
+
+    from transformers import PreTrainedModel
+    from transformers.cache_utils import Cache
+
 _MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
@@ -52,11 +60,11 @@ class LinearizedBody:
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache=None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        past_key_values=None,
-        **kwargs,
+        past_key_values: Cache | None = None,
+        **kwargs: Any,
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
@@ -105,7 +113,10 @@ class LinearizedBody:
 
 
 def read_weights(
-    name_or_path: str, revision: str | None = None, token=None, cache_dir=None
+    name_or_path: str | os.PathLike[str],
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every tensor of the safetensors checkpoint in a local folder or a Hub repo (from the local cache
     when offline)."""
@@ -132,7 +143,7 @@ def read_weights(
     return state
 
 
-def base_probe(state: dict, names) -> dict:
+def base_probe(state: dict[str, torch.Tensor], names: Iterable[str]) -> dict[str, list[float]]:
     """float64 sum and abs-sum of some base tensors: enough to tell the base model the deltas need from
     another one with the same names and shapes."""
     return {n: [state[n].double().sum().item(), state[n].double().abs().sum().item()] for n in names}
@@ -148,7 +159,13 @@ class LoadsDeltas:
     """
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, base_model_path=None, **kwargs):
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike[str],
+        *model_args: Any,
+        base_model_path: str | os.PathLike[str] | None = None,
+        **kwargs: Any,
+    ) -> PreTrainedModel | tuple[PreTrainedModel, dict[str, Any]]:
         hub = {k: kwargs[k] for k in ("token", "cache_dir", "revision") if kwargs.get(k) is not None}
         config = kwargs.get("config")
         if config is None or isinstance(config, (str, Path)):

@@ -1,0 +1,1 @@
+"""Conversion: teacher families, the attention swap, export, the checkpoint check and publishing."""

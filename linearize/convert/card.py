@@ -7,16 +7,34 @@ names (base model, licence) and the evaluation report, whose headline numbers al
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
 
 import linearize
-from linearize.evals.report import ppl_results, recall_results
+from linearize.config import MIXER_SETTINGS
 
 
 class CardError(ValueError):
     """A model card that the Hub would reject or that lacks what linearize promises in it."""
+
+
+def ppl_results(tasks: dict) -> dict | None:
+    """Perplexity per model in an eval report's tasks (results.json), the controls' run (which has the
+    sliding window too) preferred."""
+    window = tasks.get("controls", {}).get("window")
+    if window:
+        return window["ppl"]
+    return tasks.get("ppl")
+
+
+def recall_results(tasks: dict) -> dict | None:
+    """Recall per model in an eval report's tasks, the controls' run preferred."""
+    window = tasks.get("controls", {}).get("window")
+    if window:
+        return window["recall"]
+    return tasks.get("recall")
 
 
 def _slug(source: str) -> str:
@@ -74,6 +92,15 @@ def eval_results(report: dict | None, evals: dict, model_name: str) -> list:
                 result("heldout", "held-out documents of the recipe's data", "perplexity", evals[key]["ppl"])
             )
     return [r for r in found if math.isfinite(r.metric_value)] if model_name else []
+
+
+def _mixer_settings(plan: dict) -> str:
+    """`feature_map hedgehog, feature_dim 128, ...`: the settings of the plan's mixer (a converted config's
+    `linearize` dict); a key a plan written before it existed lacks is left out."""
+    cls = MIXER_SETTINGS.get(plan["mixer"])
+    names = [f.name for f in dataclasses.fields(cls)] if cls else []
+    shown = [f"{n} {plan[n]}" for n in names if n in plan]
+    return "settings: " + (", ".join(shown) if shown else "none")
 
 
 def _layer_plan(plan: dict) -> str:
@@ -166,7 +193,7 @@ model = AutoModelForCausalLM.from_pretrained("{name or "<repo>"}", trust_remote_
 # {name or recipe_name}
 
 Converted from `{teacher}` by linearize {linearize.__version__}
-(recipe `{recipe_name}`): mixer `{plan["mixer"]}`, feature map `{plan["feature_map"]}`, softmax kept in
+(recipe `{recipe_name}`): mixer `{plan["mixer"]}` ({_mixer_settings(plan)}), softmax kept in
 layers {plan["softmax_layers"] or "none"}.
 
 {usage}

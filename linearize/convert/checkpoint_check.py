@@ -17,8 +17,12 @@ from __future__ import annotations
 import json
 import re
 import sys
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She liked to play in the"
 TOP = 8  # logits recorded per position
@@ -28,7 +32,7 @@ TOLERANCE = {"float32": 1e-3, "bfloat16": 3e-2, "float16": 3e-2}
 
 
 @torch.no_grad()
-def prompt_logits(model, input_ids: list[int]) -> torch.Tensor:
+def prompt_logits(model: PreTrainedModel, input_ids: list[int]) -> torch.Tensor:
     """[T, V] float32 logits of `input_ids` in one pass without a cache."""
     device = next(model.parameters()).device
     ids = torch.tensor([input_ids], device=device)
@@ -36,7 +40,7 @@ def prompt_logits(model, input_ids: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy(model, input_ids: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
+def greedy(model: PreTrainedModel, input_ids: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
     device = next(model.parameters()).device
     ids = torch.tensor([input_ids], device=device)
     out = model.generate(
@@ -46,7 +50,7 @@ def greedy(model, input_ids: list[int], new_tokens: int = NEW_TOKENS) -> list[in
     return out[0, len(input_ids) :].tolist()
 
 
-def fingerprint(model, tokenizer) -> dict:
+def fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
     """What a faithful copy of `model` must reproduce: top logits and log-partition of a fixed prompt."""
     input_ids = tokenizer(PROMPT)["input_ids"]
     logits = prompt_logits(model, input_ids)
@@ -70,7 +74,7 @@ def logits_error(recorded: dict, logits: torch.Tensor) -> float:
     return ((new - old).pow(2).mean().sqrt() / old.pow(2).mean().sqrt().clamp_min(1e-6)).item()
 
 
-def cache_mismatches(model, input_ids: list[int], generated: list[int]) -> list[int]:
+def cache_mismatches(model: PreTrainedModel, input_ids: list[int], generated: list[int]) -> list[int]:
     """Steps where greedy decoding through the cache chose another token than a full forward pass over
     the same sequence would, ignoring near-ties (top-2 gap below 1e-3 of the logit scale)."""
     logits = prompt_logits(model, input_ids + generated)[len(input_ids) - 1 : -1]

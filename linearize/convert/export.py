@@ -11,23 +11,24 @@ import copy
 import hashlib
 import json
 import shutil
-from importlib import resources
 from pathlib import Path
 
 import torch
 
 import linearize
+from linearize import checkpoint
 from linearize.architectures.configuration_linearize import (
     CONFIG_CLASSES,
     linearized_cache_fields,
     linearized_layer_types,
 )
 from linearize.architectures.modeling_linearize import MODEL_CLASSES
+from linearize.assets import package_folder
 from linearize.config import Recipe
 from linearize.convert.card import model_card
 from linearize.convert.checkpoint_check import fingerprint
+from linearize.convert.swap import Plan
 from linearize.convert.teachers import teacher_card
-from linearize.distill import checkpoint
 
 # Files of linearize/architectures a checkpoint carries, and where kernels' torch forms go in it.
 BUNDLE = ("configuration_linearize.py", "modeling_linearize.py", "mixers.py", "feature_maps.py", "ops.py")
@@ -60,10 +61,10 @@ def converted_config(teacher_config, plan: dict):
 
 
 def write_code(folder: Path) -> None:
-    arch = resources.files("linearize") / "architectures"
+    arch = package_folder("architectures")
     for name in BUNDLE:
         shutil.copyfile(str(arch / name), folder / name)
-    kernels = resources.files("linearize") / "kernels"
+    kernels = package_folder("kernels")
     for src, dst in KERNEL_COPIES.items():
         shutil.copyfile(str(kernels / src), folder / dst)
 
@@ -93,7 +94,7 @@ def hardware(num_processes: int = 1, device: torch.device | None = None) -> str:
 def export(
     student: torch.nn.Module,
     tokenizer,
-    plan: dict,
+    plan: Plan,
     recipe: Recipe,
     out: Path,
     evals: dict | None = None,
@@ -108,7 +109,7 @@ def export(
     """
     from huggingface_hub import save_torch_state_dict
 
-    config = converted_config(student.config, plan)
+    config = converted_config(student.config, plan.spec())
     evals, tokens = evals or {}, tokens or {}
     logits = fingerprint(student, tokenizer)
     conversion = {
@@ -142,7 +143,7 @@ def export(
         tokenizer.save_pretrained(tmp)
         write_code(tmp)
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-        (tmp / "README.md").write_text(model_card(recipe.to_yaml(), recipe.name, plan, conversion))
+        (tmp / "README.md").write_text(model_card(recipe.to_yaml(), recipe.name, plan.spec(), conversion))
         (tmp / "conversion.json").write_text(json.dumps(conversion, indent=1))
         (tmp / "fingerprint.json").write_text(json.dumps({"logits": logits, "files": file_digests(tmp)}))
 

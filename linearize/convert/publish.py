@@ -20,10 +20,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from linearize import checkpoint
+from linearize.architectures.modeling_linearize import base_probe, read_weights
 from linearize.config import parse_pairs_into
 from linearize.convert import checkpoint_check
 from linearize.convert.card import CardError, check_card, model_card, read_report
-from linearize.distill import checkpoint
+from linearize.convert.export import MAX_SHARD_SIZE, file_digests
+from linearize.convert.teachers import resolve_path
 
 MODES = ("full", "deltas")
 REQUIRED = ("config.json", "recipe.yaml", "fingerprint.json", "conversion.json")
@@ -127,8 +130,6 @@ def check_files(folder: Path) -> dict:
     absent = sorted(name for name in recorded["files"] if not (folder / name).is_file())
     if absent:
         raise PublishError(f"check 'files' failed: weight file(s) {', '.join(absent)} missing from {folder}")
-    from linearize.convert.export import file_digests
-
     found = file_digests(folder)
     extra = sorted(set(found) - set(recorded["files"]))
     if extra:
@@ -230,9 +231,6 @@ def write_deltas(folder: Path, tmp: Path, settings: PublishSettings, conversion:
     import torch
     from huggingface_hub import save_torch_state_dict
 
-    from linearize.architectures.modeling_linearize import base_probe, read_weights
-    from linearize.convert.export import MAX_SHARD_SIZE, file_digests
-
     name = settings.base_model or conversion.get("teacher_hub_id")
     if not name:
         raise PublishError(
@@ -294,8 +292,6 @@ def write_deltas(folder: Path, tmp: Path, settings: PublishSettings, conversion:
 def base_source(settings: PublishSettings, conversion: dict) -> str:
     """Where the base weights are read from here: base_path, else the recipe's teacher (a local folder
     or a Hub id resolved through the local cache)."""
-    from linearize.convert.teachers import resolve_path
-
     return settings.base_path or resolve_path(conversion["teacher"])
 
 
@@ -305,7 +301,12 @@ def listing(folder: Path) -> list[tuple[str, int]]:
     return [(str(p.relative_to(folder)), p.stat().st_size) for p in files]
 
 
-def publish(folder: str | Path, settings: PublishSettings, upload: Uploader = hub_upload, log=print) -> dict:
+def publish(
+    folder: str | Path,
+    settings: PublishSettings,
+    upload: Uploader = hub_upload,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Check, stage, (dry run: print; else) upload. Returns {"staged", "files", "card", "url"}."""
     folder = Path(folder)
     if not settings.dry_run:

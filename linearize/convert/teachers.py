@@ -8,10 +8,14 @@ is one we can convert before any weights are loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-BUNDLED_PREFIX = "bundled:"
+from linearize.assets import BUNDLED_PREFIX, resolve_bundled
+from linearize.distributed import load_empty
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
 class TeacherError(ValueError):
@@ -28,7 +32,7 @@ class TeacherFamily:
     sliding_window: bool
     """Softmax attention may be restricted to a window (Mistral, Qwen2/3 when enabled)."""
 
-    def check(self, config) -> None:
+    def check(self, config: PretrainedConfig) -> None:
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
         if heads % kv_heads:
             raise TeacherError(
@@ -53,7 +57,7 @@ FAMILIES: dict[str, TeacherFamily] = {
 }
 
 
-def family_of(config) -> TeacherFamily:
+def family_of(config: PretrainedConfig) -> TeacherFamily:
     """The adapter for `config.model_type`; any other family is an error listing the supported ones."""
     family = FAMILIES.get(config.model_type)
     if family is None:
@@ -64,19 +68,10 @@ def family_of(config) -> TeacherFamily:
     return family
 
 
-def bundled_path(name: str) -> Path:
-    """Path of a file or folder shipped in `linearize/assets`."""
-    path = Path(str(resources.files("linearize") / "assets" / name))
-    if not path.exists():
-        shipped = sorted(p.name for p in resources.files("linearize").joinpath("assets").iterdir())
-        raise FileNotFoundError(f"no bundled asset {name!r}; bundled: {', '.join(shipped)}")
-    return path
-
-
 def resolve_path(path: str) -> str:
     """`bundled:NAME` → the packaged folder; a local path is checked; anything else is a Hub id."""
     if path.startswith(BUNDLED_PREFIX):
-        return str(bundled_path(path[len(BUNDLED_PREFIX) :]))
+        return resolve_bundled(path)
     local = Path(path).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():
@@ -113,7 +108,9 @@ def teacher_card(path: str) -> dict:
     return {"teacher_hub_id": hub_id, "teacher_license": license_}
 
 
-def load_teacher(path: str, dtype: str = "float32", empty: bool = False):
+def load_teacher(
+    path: str, dtype: str = "float32", empty: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) of a supported teacher; the family is checked before weights are read.
 
     `empty=True` reads no weights: the model is built from its config with its parameters on the meta device
@@ -131,8 +128,6 @@ def load_teacher(path: str, dtype: str = "float32", empty: bool = False):
         ) from None
     family_of(config)
     if empty:
-        from linearize.convert.sharded import load_empty
-
         model = load_empty(config, getattr(torch, dtype))
         try:  # what from_pretrained would read: greedy decoding must stop where rank 0's does
             model.generation_config = GenerationConfig.from_pretrained(source)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -206,8 +206,8 @@ def write_logit_cache(
     teacher_name: str | None = None,
     rank: int = 0,
     world_size: int = 1,
-    barrier=lambda: None,
-    max_over_processes=None,
+    barrier: Callable[[], None] = lambda: None,
+    max_over_processes: Callable[[int], int] | None = None,
 ) -> LogitCache:
     """Write (or finish writing) the cache of `teacher`'s top-k logits on `blocks` [num_blocks, seq_len].
 

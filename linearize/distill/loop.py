@@ -8,16 +8,20 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
-from linearize.config import Recipe, RecipeError, StageConfig
-from linearize.distill import checkpoint
-from linearize.distill.data import IndexedBlocks
+from linearize import checkpoint
+from linearize.config import Recipe, StageConfig
+from linearize.data import IndexedBlocks
+from linearize.distributed import Placement, peak_over_processes
+
+if TYPE_CHECKING:
+    from linearize.data import StreamedBlocks
 
 # Test hook: "STAGE:STEP[:WHEN][@RANK]" makes the process (only rank RANK, if given) SIGKILL itself at
 # optimizer step STEP: WHEN is "after" (the step is done; the default), "mid" (gradients computed, the
@@ -56,12 +60,7 @@ def _first_nonfinite_layer(model: torch.nn.Module, batch: torch.Tensor, loss_fn)
     def watch(module_name):
         def hook(module, _inputs, output):
             out = output[0] if isinstance(output, tuple) else output
-            aligned = getattr(module, "alignment_loss", None)  # stage 1: the output is the teacher's
-            if found:
-                return
-            if torch.is_tensor(aligned) and not torch.isfinite(aligned).all():
-                found.append(f"{module_name} (its alignment loss)")
-            elif torch.is_tensor(out) and not torch.isfinite(out).all():
+            if not found and torch.is_tensor(out) and not torch.isfinite(out).all():
                 found.append(module_name)
 
         return hook
@@ -95,16 +94,6 @@ class StageResult:
     the process's peak resident memory so far (see `peak_memory`)."""
 
 
-def peak_memory(device: torch.device) -> int:
-    """This process's memory high-water mark: allocated CUDA memory since the last
-    `torch.cuda.reset_peak_memory_stats` on a GPU, else the peak resident set size of the process."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
 class MetricsLog:
     """metrics.jsonl: one JSON object per line, appended by the main process."""
 
@@ -128,68 +117,6 @@ class MetricsLog:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
-# How long a process waits at a collective (NCCL's default is 10 minutes). Rank 0 alone reads, saves and
-# exports the whole model while the others wait: under FSDP2 a 72B teacher is 145 GB to read or write, and
-# the export adds a forward on CPU. A process that dies is still noticed at once by torchrun / accelerate.
-COLLECTIVE_TIMEOUT_MINUTES = 60
-
-
-def make_accelerator(recipe: Recipe):
-    from datetime import timedelta
-
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    # The schedule counts optimizer steps of the global batch. By default accelerate steps a prepared
-    # scheduler once per process per step (it assumes per-process schedules), which would run the
-    # warmup and decay num_processes times too fast.
-    accelerator = Accelerator(
-        mixed_precision="bf16" if recipe.train.precision == "bf16" else "no",
-        step_scheduler_with_optimizer=False,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=COLLECTIVE_TIMEOUT_MINUTES))],
-    )
-    if accelerator.distributed_type.value == "FSDP" and not accelerator.is_fsdp2:
-        raise RecipeError(
-            "FSDP1 (fsdp_version: 1) is not supported: set fsdp_version: 2 in the accelerate config, or use "
-            "launch.accelerate_config=fsdp2 (the shipped FSDP2 config)"
-        )
-    return accelerator
-
-
-def shard_fsdp2(accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    """`model` sharded in place by accelerate's FSDP2 preparation, each decoder layer and each mixer (self_attn)
-    an FSDP unit of its own: stage attention's loss leaves a mixer through its second output (see
-    `Mixer.forward`), and FSDP2 gathers a unit's weights for backward only when a gradient reaches one of the
-    unit's outputs. The weights come from rank 0 by broadcast (accelerate's cpu_ram_efficient_loading), so
-    every other process may hold `model` empty, on the meta device (see `linearize.convert.sharded`)."""
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-
-    from linearize.architectures.mixers import mixers
-
-    if isinstance(model, FSDPModule):
-        return model
-    plugin = accelerator.state.fsdp_plugin
-    policy = plugin.auto_wrap_policy  # the function, or the partial of it a previous prepare() made
-    if getattr(policy, "func", policy) is not transformer_auto_wrap_policy:
-        raise RecipeError(
-            "under FSDP2 linearize needs fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP in the accelerate config "
-            "(each decoder layer and each mixer its own unit), as the shipped fsdp2 config has"
-        )
-    # The names are this model's: the config's (or a previous model's) that it has, its decoder layer, its
-    # mixers. accelerate refuses a name the model lacks (a frozen teacher has no mixers).
-    names = [
-        *(plugin.transformer_cls_names_to_wrap or []),
-        *(getattr(model, "_no_split_modules", None) or []),
-    ]
-    names += [type(m).__name__ for m in mixers(model)]
-    present = {type(m).__name__ for m in model.modules()}
-    plugin.transformer_cls_names_to_wrap = sorted(set(names) & present)
-    plugin.cpu_ram_efficient_loading = True  # only rank 0 need hold the weights
-    return fsdp2_prepare_model(accelerator, model)
-
-
 def train_stage(
     *,
     name: str,
@@ -198,10 +125,10 @@ def train_stage(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
     blocks: torch.Tensor | None = None,
-    source=None,
+    source: IndexedBlocks | StreamedBlocks | None = None,
     stage_dir: Path,
     log: MetricsLog,
-    accelerator,
+    placement: Placement,
 ) -> StageResult:
     """Train `model`'s parameters that require grad for `cfg.steps` optimizer steps, resuming from the
     newest complete checkpoint under `stage_dir/checkpoints` if there is one.
@@ -210,36 +137,23 @@ def train_stage(
     """
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-    if accelerator.is_fsdp2:
-        # sharded before the optimizer is built over its parameters: prepare() would map an optimizer's
-        # parameters to the sharded ones by data_ptr, which is 0 for every empty (meta) parameter of rank > 0
-        model = shard_fsdp2(accelerator, model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    def build(params):
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, cfg.warmup_steps, max(cfg.steps, 1), min_lr_rate=cfg.min_lr_ratio
+        )
+        return optimizer, scheduler
+
+    accelerator = placement.accelerator
+    module = model
+    model, optimizer, scheduler, params = placement.prepare_training(
+        model, build, cfg.batch_size, cfg.max_grad_norm
+    )
     if not params:
         raise TrainingError(f"stage {name}: nothing to train (no parameter requires grad)")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, cfg.warmup_steps, max(cfg.steps, 1), min_lr_rate=cfg.min_lr_ratio
-    )
-    per_process = cfg.batch_size
-    module = model
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None:
-        # DeepSpeed takes its batch size from a dataloader, which we do not prepare, and this stage's
-        # values replace the last stage's. The loop accumulates itself (see sync_gradients below), and the
-        # recipe's clipping rules, as without DeepSpeed.
-        plugin.deepspeed_config.update(
-            train_micro_batch_size_per_gpu=per_process,
-            gradient_accumulation_steps=1,
-            train_batch_size=per_process * accelerator.num_processes,
-            gradient_clipping=cfg.max_grad_norm,
-        )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    # FSDP2 shards in place: the parameters the optimizer steps (and whose norm is clipped) are new objects
-    params = [p for p in model.parameters() if p.requires_grad]
     rank = accelerator.process_index
     if source is None:  # in-memory blocks: batches are a pure function of (seed, step)
-        source = IndexedBlocks(blocks, recipe.seed, per_process, rank, accelerator.num_processes)
+        source = IndexedBlocks(blocks, recipe.seed, cfg.batch_size, rank, accelerator.num_processes)
     ckpt_root = stage_dir / "checkpoints"
     start, last_loss, skipped = 0, None, 0
     found = checkpoint.latest(ckpt_root)
@@ -278,9 +192,7 @@ def train_stage(
             last = micro == cfg.grad_accum - 1
             # under DeepSpeed, accelerator.backward() steps the engine when sync_gradients is set
             accelerator.sync_gradients = last
-            # FSDP2 reduce-scatters every micro-batch: under no_sync it would hold whole (unsharded) gradients
-            # of every parameter until the last one, outside anything zero_grad() clears after a skipped step
-            with nullcontext() if last or accelerator.is_fsdp2 else accelerator.no_sync(model):
+            with placement.micro_batch(model, last):
                 with accelerator.autocast():
                     loss = loss_fn(model, batch)
                 if last and fault(step + 1, "nan"):
@@ -306,8 +218,7 @@ def train_stage(
         fault(step + 1, "mid")
         if skip:  # every rank saw the same all-reduced verdict: no rank steps, none waits
             skipped += 1
-            if plugin is not None:
-                drop_deepspeed_gradients(model)
+            placement.skip_step(model)
             accelerator.print(f"[{name}] skipped ({skipped}/{recipe.train.skip_nonfinite}): {skip}")
         else:
             if cfg.max_grad_norm > 0:
@@ -339,73 +250,11 @@ def train_stage(
             _save(accelerator, ckpt_root, info, recipe, source, lambda d=done: fault(d, "save"))
         fault(done, "after")
     bar.close()
-    accelerator.free_memory()
-    if plugin is not None:  # DeepSpeed left the weights partitioned (ZeRO-3) or in flat buffers (ZeRO-1/2)
-        unpartition(module)
+    placement.finish_training(module)
     seconds = time.perf_counter() - began
     rate = (cfg.steps - start) * tokens_per_step / max(seconds, 1e-9)
     peak = peak_over_processes(accelerator)
     return StageResult(cfg.steps, cfg.steps * tokens_per_step, last_loss, seconds, rate, peak)
-
-
-def max_over_processes(n: int, device) -> int:
-    """The largest `n` of any process (every process calls it); `n` itself without a process group."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return n
-    count = torch.tensor(n, device=device, dtype=torch.int64)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    return int(count.item())
-
-
-def peak_over_processes(accelerator) -> int:
-    """The largest `peak_memory` of any process (every process must call it)."""
-    return max_over_processes(peak_memory(accelerator.device), accelerator.device)
-
-
-def drop_deepspeed_gradients(engine) -> None:
-    """Forget what the micro-batches of a skipped step accumulated in a DeepSpeed engine, as the engine's own
-    overflow handling does: the engine steps (and then clears) only on a step's last micro-batch, and
-    accelerate's optimizer.zero_grad() does nothing under DeepSpeed, so they would be added to the next step.
-    ZeRO-3's zero_grad() also restarts accumulation; ZeRO-1/2 keep the sums so far, reduced partitions and a
-    micro-step count of their own, reset here as their step() does on an overflow."""
-    optimizer = engine.optimizer
-    optimizer.zero_grad(set_to_none=True)
-    if engine.zero_optimization_stage() in (1, 2):
-        from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
-
-        optimizer._release_preflattened_grad_buffers()
-        if optimizer.cpu_offload:
-            optimizer.reset_cpu_buffers()
-        for held in (optimizer.averaged_gradients, optimizer.all_grad_tensors):  # reduced; summed so far
-            for group in held:
-                held[group] = None
-        optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
-
-
-def unpartition(model: torch.nn.Module) -> None:
-    """Put whole, plain parameters in place of those a ZeRO-3 engine left partitioned (every process
-    holding a slice; its engine is gone after `accelerator.free_memory()`), as the model was before
-    `prepare()`: evaluation, saving and export read whole weights, and the next stage's engine partitions
-    them afresh. Each module's parameters are gathered in turn, on every process; tied ones stay tied.
-    ZeRO-1/2 leave the trained parameters whole but as views into one flat buffer of the engine's, which
-    safetensors refuses to save: each gets its own storage back."""
-    for p in model.parameters():
-        if not hasattr(p, "ds_id") and p.untyped_storage().nbytes() > p.numel() * p.element_size():
-            p.data = p.data.clone()
-    if not any(hasattr(p, "ds_id") for p in model.parameters()):
-        return
-    import deepspeed
-
-    plain: dict[int, torch.nn.Parameter] = {}
-    for module in model.modules():
-        mine = [p for p in module.parameters(recurse=False) if hasattr(p, "ds_id") and id(p) not in plain]
-        with deepspeed.zero.GatheredParameters(mine):
-            plain |= {id(p): torch.nn.Parameter(p.data.clone(), requires_grad=p.requires_grad) for p in mine}
-        for name, p in module.named_parameters(recurse=False):
-            if id(p) in plain:
-                setattr(module, name, plain[id(p)])
 
 
 def _save(accelerator, root: Path, info: dict, recipe: Recipe, source, fault=lambda: None) -> None:

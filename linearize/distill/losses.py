@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def kl_teacher_student(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0):
+def kl_teacher_student(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """KL(teacher || student) per token, averaged over tokens, scaled by temperature**2 (Hinton et al.).
 
     Logits [batch, seq, vocab]; computed in float32.
@@ -21,14 +23,3 @@ def kl_teacher_student(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of predicting input_ids[:, 1:] from logits[:, :-1]."""
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
-
-
-def alignment_loss(found_mixers) -> torch.Tensor:
-    """Stage 1: sum over converted layers of MSE(student attention output, teacher attention output),
-    as recorded by mixers in "align" mode during the forward just run."""
-    losses = [m.alignment_loss for m in found_mixers if m.alignment_loss is not None]
-    if not losses:
-        raise ValueError("no converted layer recorded an alignment loss: every layer is softmax?")
-    for m in found_mixers:
-        m.alignment_loss = None
-    return torch.stack(losses).sum()

@@ -8,15 +8,18 @@ of each stage are counted exactly. Activations and logits follow stated formulas
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
-from linearize.config import Recipe, RecipeError, accelerate_config_path
+from linearize.architectures.mixers import MIXER_CLASSES
+from linearize.config import Recipe, RecipeError
+from linearize.convert.swap import plan_for, swap
+from linearize.distill.stages import fully_trained_parameters, new_parameters
+from linearize.distributed import Sharding
 
 GiB = 2**30
 
@@ -65,7 +68,7 @@ def feature_width_factor(recipe, model_config) -> float:
     head_dim = getattr(model_config, "head_dim", None) or (
         model_config.hidden_size // model_config.num_attention_heads
     )
-    width = recipe.student.feature_dim or head_dim
+    width = getattr(recipe.student.settings, "feature_dim", None) or head_dim
     return max(1.0, width / head_dim)
 
 
@@ -85,138 +88,6 @@ GATHERED_LAYERS = 2
 
 class MemoryBudgetError(RecipeError):
     """A stage whose memory estimate exceeds the device's memory: the message names the fixes."""
-
-
-@dataclass(frozen=True)
-class Sharding:
-    """What the distributed strategy divides over the processes, read from an accelerate config."""
-
-    name: str
-    weights: bool = False
-    """Parameters sharded at rest (FSDP full shard, ZeRO-3)."""
-    gradients: bool = False
-    """Gradients sharded (FSDP, ZeRO-2/3)."""
-    optimizer: bool = False
-    """Optimizer state (and fp32 master weights) sharded (FSDP, ZeRO-1/2/3)."""
-    offload_optimizer: bool = False
-    """Optimizer state kept in CPU memory (DeepSpeed offload_optimizer_device, FSDP offload_params)."""
-    offload_params: bool = False
-    """Parameters kept in CPU memory between uses (DeepSpeed offload_param_device, FSDP offload_params)."""
-    gradient_buckets: bool = False
-    """DDP: gradients are copied into all-reduce buckets, a second gradient-sized buffer."""
-    frozen_teacher: bool = False
-    """The frozen teacher copy of stage logits is sharded like the weights (ZeRO-3, FSDP2; see
-    `linearize.convert.pipeline.prepare_frozen_teacher`); elsewhere every process holds it whole."""
-    whole_on_host: bool = False
-    """FSDP2: outside the training steps too the model is whole on no device, only in rank 0's CPU memory
-    (see `linearize.convert.sharded`); elsewhere every process holds it whole on its device."""
-
-    @classmethod
-    def from_accelerate_config(cls, config: str | Path | dict | None) -> Sharding:
-        """From an accelerate config: a shipped name, a path, the parsed YAML, or None (one process)."""
-        if not config:
-            return cls(name="single process")
-        if not isinstance(config, dict):
-            import yaml
-
-            config = yaml.safe_load(accelerate_config_path(str(config)).read_text()) or {}
-        kind = config.get("distributed_type", "NO")
-        if kind == "FSDP":
-            fsdp = config.get("fsdp_config") or {}
-            version = int(fsdp.get("fsdp_version", 1))
-            reshard = fsdp.get("fsdp_reshard_after_forward", True)
-            # FSDP1 names its strategy in fsdp_sharding_strategy or (newer) in fsdp_reshard_after_forward
-            strategy = fsdp.get("fsdp_sharding_strategy") or (
-                reshard if version == 1 and not isinstance(reshard, bool) else "FULL_SHARD"
-            )
-            return cls._fsdp(
-                version, str(strategy), _truthy(reshard), _truthy(fsdp.get("fsdp_offload_params", False))
-            )
-        if kind == "DEEPSPEED":
-            ds = config.get("deepspeed_config") or {}
-            if ds.get("deepspeed_config_file"):
-                zero = json.loads(Path(ds["deepspeed_config_file"]).read_text()).get("zero_optimization", {})
-                stage = int(zero.get("stage", 0))
-                off_opt = (zero.get("offload_optimizer") or {}).get("device", "none")
-                off_par = (zero.get("offload_param") or {}).get("device", "none")
-            else:
-                stage = int(ds.get("zero_stage", 0))
-                off_opt = ds.get("offload_optimizer_device", "none")
-                off_par = ds.get("offload_param_device", "none")
-            return cls._zero(stage, off_opt not in (None, "none"), off_par not in (None, "none"))
-        if kind in ("MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_CPU", "MULTI_HPU"):
-            return cls(name="DDP", gradient_buckets=True)
-        return cls(name="single process")
-
-    @classmethod
-    def from_accelerator(cls, accelerator) -> Sharding:
-        """From a live Accelerator: what the launcher actually set up."""
-        kind = accelerator.distributed_type.value
-        state = accelerator.state
-        if kind == "FSDP":
-            plugin = state.fsdp_plugin
-            version = int(getattr(plugin, "fsdp_version", 1) or 1)
-            reshard = getattr(plugin, "reshard_after_forward", True)  # FSDP1: a ShardingStrategy
-            strategy = getattr(reshard, "name", None) or getattr(
-                getattr(plugin, "sharding_strategy", None), "name", "FULL_SHARD"
-            )
-            offload = plugin.cpu_offload  # FSDP1: CPUOffload(offload_params=...); FSDP2: an offload policy
-            if version >= 2:
-                offloaded = type(offload).__name__ == "CPUOffloadPolicy"
-            else:
-                offloaded = bool(getattr(offload, "offload_params", False))
-            return cls._fsdp(version, strategy, reshard is not False, offloaded)
-        if kind == "DEEPSPEED":
-            zero = state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
-            off_opt = (zero.get("offload_optimizer") or {}).get("device", "none")
-            off_par = (zero.get("offload_param") or {}).get("device", "none")
-            return cls._zero(
-                int(zero.get("stage", 0)), off_opt not in (None, "none"), off_par not in (None, "none")
-            )
-        if accelerator.num_processes > 1:
-            return cls(name="DDP", gradient_buckets=True)
-        return cls(name="single process")
-
-    @classmethod
-    def _fsdp(cls, version: int, strategy: str, reshard: bool, offload: bool) -> Sharding:
-        if version >= 2:
-            # reshard_after_forward=False keeps every layer's full parameters from forward to backward
-            full = reshard
-            name = f"FSDP2{'' if reshard else ' (no reshard after forward)'}"
-        else:
-            strategy = {"1": "FULL_SHARD", "2": "SHARD_GRAD_OP", "3": "NO_SHARD"}.get(strategy, strategy)
-            if strategy == "NO_SHARD":
-                return cls(name="FSDP NO_SHARD", gradient_buckets=True)
-            # a HYBRID strategy shards within a node only: not modelled, counted as not sharding weights
-            full = strategy == "FULL_SHARD"
-            name = f"FSDP {strategy}"
-        return cls(
-            name=name + (" + offload" if offload else ""),
-            weights=full,
-            frozen_teacher=full and version >= 2,
-            whole_on_host=version >= 2,
-            gradients=True,
-            optimizer=True,
-            offload_optimizer=offload,
-            offload_params=offload,
-        )
-
-    @classmethod
-    def _zero(cls, stage: int, offload_optimizer: bool, offload_params: bool) -> Sharding:
-        return cls(
-            name=f"ZeRO-{stage}" + (" + offload" if offload_optimizer or offload_params else ""),
-            weights=stage >= 3,
-            frozen_teacher=stage >= 3,
-            gradients=stage >= 2,
-            optimizer=stage >= 1,
-            offload_optimizer=offload_optimizer,
-            offload_params=offload_params and stage >= 3,
-            gradient_buckets=stage == 0,
-        )
-
-
-def _truthy(value: Any) -> bool:
-    return value if isinstance(value, bool) else str(value).strip().lower() in ("true", "1", "yes")
 
 
 @dataclass
@@ -258,8 +129,9 @@ class MemoryEstimate:
     stored in 16 bits (FSDP upcasts it, DeepSpeed keeps one); plain AdamW on 16-bit parameters keeps 16-bit
     moments, so this is an upper bound there."""
     frozen_teacher: int
-    """Stage logits with trainable=attention|all and no logit cache: the frozen teacher copy, sharded under
-    ZeRO-3 and FSDP2 (offloaded with the weights), else whole on every device."""
+    """The teacher's own weights: under ZeRO-3 and FSDP2 a sharded view for the whole run (offloaded with the
+    weights); elsewhere a whole frozen copy in stage logits with trainable=attention|all and no logit cache
+    (the student trains the weights it shares with the teacher), else none."""
     activations: int
     """batch * seq_len * bytes * (sum over layers of the layer's per-token count + WORKSPACE_HIDDEN * hidden
     + WORKSPACE_INTERMEDIATE * intermediate); a layer's count is
@@ -333,25 +205,20 @@ def student_on_meta(model_config, recipe: Recipe, stage: str) -> tuple[torch.nn.
     For stage logits an `auto:N` plan keeps N layers softmax (which ones does not change the count)."""
     from transformers import AutoModelForCausalLM
 
-    from linearize.convert.swap import plan_for, swap
-
     config = copy.deepcopy(model_config)
     plan = plan_for(recipe.student, config)
-    if stage == "logits" and plan.get("auto_softmax"):
-        plan["softmax_layers"] = list(range(plan["auto_softmax"]))
+    if stage == "logits" and plan.auto_softmax:
+        plan.softmax_layers = list(range(plan.auto_softmax))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, recipe.teacher.dtype))
         teacher_bytes = _bytes(model.parameters())
-        swap(model, plan)
+        model = swap(model, plan)
     return model, teacher_bytes
 
 
 def count_parameters(model_config, recipe: Recipe, stage: str) -> ParameterCounts:
     """Parameters of the student of `stage` and which of them train, without loading any weights."""
     from torch import nn
-
-    from linearize.architectures.mixers import MIXER_CLASSES
-    from linearize.distill.stages import fully_trained_parameters, new_parameters
 
     model, teacher_bytes = student_on_meta(model_config, recipe, stage)
     params = dict(model.named_parameters())
@@ -443,8 +310,10 @@ def estimate(
     per_token += WORKSPACE_HIDDEN * hidden + WORKSPACE_INTERMEDIATE * intermediate
     tokens_per_micro = cfg.batch_size * recipe.data.seq_len
     frozen = 0
-    if stage == "logits" and cfg.trainable != "lora" and not cfg.cache_k:
-        frozen = shard(counts.teacher_bytes, sharding.frozen_teacher, sharding.offload_params)
+    if sharding.frozen_teacher:  # the teacher is a sharded view of its own for the whole run
+        frozen = shard(counts.teacher_bytes, True, sharding.offload_params)
+    elif stage == "logits" and cfg.trainable != "lora" and not cfg.cache_k:  # a whole copy: the student
+        frozen = counts.teacher_bytes  # trains the weights it shares with the teacher otherwise
     return MemoryEstimate(
         stage=stage,
         weights=shard(counts.weight_bytes, sharding.weights, sharding.offload_params),
@@ -553,14 +422,11 @@ def preflight(recipe: Recipe, model_config, stages: list[str], accelerator) -> l
 
 
 def check_host_memory(found: list[MemoryEstimate], host_bytes: int) -> None:
-    """FSDP2: rank 0 holds the whole model in CPU memory (and the frozen teacher copy beside it while stage
-    logits with trainable=attention|all and no logit cache starts); refused when this node's RAM is smaller."""
-    copies = 2 if any(est.frozen_teacher for est in found) else 1
-    need = copies * max(est.whole_model for est in found)
+    """FSDP2: rank 0 holds the whole model in CPU memory (the teacher's view shares its weights until it is
+    sharded); refused when this node's RAM is smaller."""
+    need = max(est.whole_model for est in found)
     if need > host_bytes:
         raise MemoryBudgetError(
-            f"under FSDP2 rank 0 holds the whole model in CPU memory ({copies} x {size(need // copies)}"
-            f"{', the student and the frozen teacher copy' if copies == 2 else ''}) but this node has "
+            f"under FSDP2 rank 0 holds the whole model in CPU memory ({size(need)}) but this node has "
             f"{size(host_bytes)} of RAM. Use a node with more memory"
-            + (", or stages.logits.cache_k=32 (no frozen teacher copy)" if copies == 2 else "")
         )

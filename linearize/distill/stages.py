@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from linearize.architectures.mixers import mixers, mode
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from linearize.architectures.mixers import Mixer, mixers
 from linearize.config import LogitsStageConfig
-from linearize.distill.logit_cache import LogitCache, kl_from_topk
-from linearize.distill.losses import alignment_loss, kl_teacher_student, next_token_ce
+from linearize.distill.losses import next_token_ce
+from linearize.distill.teacher import Captured, LiveTeacher, Teacher
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 def new_parameters(model: torch.nn.Module) -> list[str]:
     """Full names of the parameters conversion added (feature maps, gates, ...)."""
-    names = []
+    converted, names = set(mixers(model)), []
     for mod_name, module in model.named_modules():
-        if module in set(mixers(model)):
+        if module in converted:
             names += [f"{mod_name}.{n}" for n in module.new_parameter_names()]
     return names
 
@@ -32,53 +39,94 @@ def freeze_all_but(model: torch.nn.Module, names: list[str]) -> None:
         p.requires_grad_(n in wanted)
 
 
-def attention_stage(student: torch.nn.Module):
-    """Stage 1: only the new parameters train; every mixer sees the teacher's layer input and the loss
-    is the sum over converted layers of MSE(student output, teacher output)."""
+def aligned_layers(student: nn.Module) -> list[int]:
+    """The decoder layers stage attention trains: those whose mixer has new parameters."""
+    layers = [
+        i
+        for i, layer in enumerate(student.model.layers)
+        if isinstance(layer.self_attn, Mixer) and layer.self_attn.new_parameter_names()
+    ]
+    if not layers:
+        raise ValueError("no converted layer has parameters to align: is every layer softmax?")
+    return layers
+
+
+class Aligner(nn.Module):
+    """Stage attention's trained model: the student, whose converted mixers are each called on the teacher's
+    captured attention input of their layer. `forward(captured)` is the sum over those layers of
+    MSE(mixer output, teacher attention output); with `per_layer=True` the [layers] vector of them.
+
+    The student is a submodule (so the placement of the training loop wraps, shards and checkpoints it as it
+    does in stage logits) but only its mixers run: no student forward through the network."""
+
+    def __init__(self, student: nn.Module, layers: list[int]):
+        super().__init__()
+        self.student = student
+        self.layers = list(layers)
+
+    def tie_weights(self) -> None:
+        """The student's tied weights tied again: accelerate's FSDP2 loading moves the weights to the meta
+        device and back, untying them, and restores ties through this method (as it does on the student)."""
+        self.student.tie_weights()
+
+    def forward(self, captured: Captured, per_layer: bool = False) -> torch.Tensor:
+        decoder = self.student.model.layers
+        losses = []
+        for i, x, target in zip(captured.layers, captured.inputs, captured.outputs):
+            out, _ = decoder[i].self_attn(x, captured.position_embeddings, None)
+            losses.append(F.mse_loss(out.float(), target.float()))
+        stacked = torch.stack(losses)
+        return stacked if per_layer else stacked.sum()
+
+
+def attention_stage(
+    student: nn.Module, teacher: LiveTeacher
+) -> tuple[Aligner, Callable[[nn.Module, torch.Tensor], torch.Tensor]]:
+    """Stage 1: only the new parameters train; each converted mixer learns its layer's (teacher attention
+    input -> output) pairs, captured from one teacher forward per batch. Returns (Aligner, loss_fn)."""
     freeze_all_but(student, new_parameters(student))
-    found = mixers(student)
+    aligner = Aligner(student, aligned_layers(student))
 
     def loss_fn(model, input_ids):
-        with mode(student, "align"):
-            model(input_ids=input_ids, use_cache=False, logits_to_keep=1)  # logits are not needed here
-        return alignment_loss(found)
+        return model(teacher.capture(input_ids, aligner.layers))
 
-    return loss_fn
+    return aligner, loss_fn
 
 
 @torch.no_grad()
-def rank_layers(student: torch.nn.Module, blocks: torch.Tensor, batch_size: int) -> list[dict]:
+def rank_layers(
+    aligner: nn.Module, teacher: LiveTeacher, blocks: torch.Tensor, batch_size: int
+) -> list[dict]:
     """Each converted layer's stage-1 alignment loss (MSE to the teacher's attention output, averaged over
-    `blocks`), highest first: [{"layer": i, "loss": x}, ...]. An `auto:N` layer plan keeps the first N."""
-    found = [m for m in mixers(student) if "align" in m.supported_modes and m.new_parameter_names()]
-    totals = dict.fromkeys((m.layer_idx for m in found), 0.0)
-    device = next(student.parameters()).device
-    batches = range(0, len(blocks), batch_size)
-    for start in batches:
-        with mode(student, "align"):
-            student(
-                input_ids=blocks[start : start + batch_size].to(device), use_cache=False, logits_to_keep=1
-            )
-        for m in found:
-            totals[m.layer_idx] += m.alignment_loss.item() / len(batches)
-            m.alignment_loss = None
-    return sorted(({"layer": i, "loss": x} for i, x in totals.items()), key=lambda r: -r["loss"])
+    `blocks`), highest first: [{"layer": i, "loss": x}, ...]. An `auto:N` layer plan keeps the first N.
+    `aligner` is an `Aligner`, possibly wrapped or sharded by the training placement."""
+    layers = getattr(aligner, "layers", None) or aligner.module.layers
+    device = teacher_device(teacher.model)
+    starts = range(0, len(blocks), batch_size)
+    totals = torch.zeros(len(layers), dtype=torch.float64)
+    for start in starts:
+        captured = teacher.capture(blocks[start : start + batch_size].to(device), layers)
+        totals += aligner(captured, per_layer=True).double().cpu() / len(starts)
+    ranked = sorted(zip(layers, totals.tolist()), key=lambda r: -r[1])
+    return [{"layer": i, "loss": x} for i, x in ranked]
+
+
+def teacher_device(model: nn.Module) -> torch.device:
+    """Where a (possibly sharded) model's inputs go: the device of its first parameter, else the CPU."""
+    param = next(model.parameters(), None)
+    device = getattr(param, "device", torch.device("cpu"))
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def logits_stage(
-    student: torch.nn.Module,
-    cfg: LogitsStageConfig,
-    frozen_teacher: torch.nn.Module | None,
-    cache: LogitCache | None = None,
-):
+    student: nn.Module, cfg: LogitsStageConfig, teacher: Teacher
+) -> tuple[nn.Module, Callable[[nn.Module, torch.Tensor], torch.Tensor]]:
     """Stage 2: KL(teacher || student) on logits (+ CE). Returns (model to train, loss_fn).
 
-    trainable="lora": LoRA on cfg.lora_targets plus the new parameters; the teacher is the same weights
-    with LoRA disabled and softmax attention switched back on. trainable="attention": every attention
-    parameter trains; trainable="all": every parameter trains. Then the teacher must be `frozen_teacher`,
-    an untouched copy (or the cache). With a top-k logit
-    `cache` the teacher is not run at all: the KL is computed from the cached top-k logits.
-    """
+    trainable="lora": LoRA on cfg.lora_targets plus the new parameters; trainable="attention": every
+    attention parameter trains; trainable="all": every parameter trains. `teacher` is a `LiveTeacher` (the
+    teacher sharing the student's frozen base weights under LoRA, else a frozen copy) or a `CachedTeacher`
+    (top-k logits from disk: no teacher runs)."""
     added = new_parameters(student)
     if cfg.trainable == "lora":
         from peft import LoraConfig, get_peft_model
@@ -93,38 +141,27 @@ def logits_stage(
         for n, p in model.named_parameters():
             if n in prefixed:
                 p.requires_grad_(True)
-
-        def teacher_logits(input_ids):
-            with model.disable_adapter(), mode(model, "teacher"):
-                return model(input_ids=input_ids, use_cache=False).logits
     else:
-        if frozen_teacher is None and cache is None:
-            raise ValueError(
-                f"stages.logits.trainable={cfg.trainable} needs a frozen teacher copy or a logit cache"
-            )
         model = student
         freeze_all_but(student, fully_trained_parameters(student, cfg.trainable))
-        if frozen_teacher is not None:
-            frozen_teacher.requires_grad_(False)
-
-        def teacher_logits(input_ids):
-            return frozen_teacher(input_ids=input_ids, use_cache=False).logits
-
-    def kl(logits, input_ids):
-        if cache is not None:
-            top = cache.lookup(input_ids).to(logits.device)
-            return kl_from_topk(logits, top.values, top.indices, top.lse, cfg.temperature)
-        with torch.no_grad():
-            target = teacher_logits(input_ids)
-        return kl_teacher_student(logits, target, cfg.temperature)
 
     def loss_fn(prepared, input_ids):
         logits = prepared(input_ids=input_ids, use_cache=False).logits
         loss = torch.zeros((), device=logits.device)
         if cfg.kl_weight:
-            loss = loss + cfg.kl_weight * kl(logits, input_ids)
+            loss = loss + cfg.kl_weight * teacher.kl(logits, input_ids, cfg.temperature)
         if cfg.ce_weight:
             loss = loss + cfg.ce_weight * next_token_ce(logits, input_ids)
         return loss
 
     return model, loss_fn
+
+
+def trained_student(model: nn.Module) -> nn.Module:
+    """The student out of what a stage trained: the Aligner's student, or the LoRA model with its adapters
+    folded into the weights."""
+    if isinstance(model, Aligner):
+        return model.student
+    if hasattr(model, "peft_config"):
+        return model.merge_and_unload()
+    return model

@@ -12,14 +12,10 @@ import functools
 import importlib
 from collections.abc import Callable
 
-TASKS: dict[str, str] = {
-    "ppl": "linearize.evals.perplexity:ppl_task",
-    "recall": "linearize.evals.recall:recall_task",
-    "cloze": "linearize.evals.cloze:cloze_task",
-    "speed": "linearize.evals.speed:speed_task",
-    "controls": "linearize.evals.controls:controls_task",
-}
-LM_EVAL_PREFIX = "lm_eval:"
+from linearize.registry import EVAL_TASKS as TASKS
+from linearize.registry import LM_EVAL_PREFIX, LM_EVAL_TASK, is_eval_task
+
+__all__ = ["LM_EVAL_PREFIX", "TASKS", "EvalError", "check_task_name", "resolve_task"]
 
 
 class EvalError(ValueError):
@@ -28,7 +24,7 @@ class EvalError(ValueError):
 
 def check_task_name(name: str) -> None:
     """Raise `EvalError` listing the known tasks when `name` is not one of them."""
-    if name in TASKS or (name.startswith(LM_EVAL_PREFIX) and len(name) > len(LM_EVAL_PREFIX)):
+    if is_eval_task(name):
         return
     raise EvalError(
         f"unknown eval task {name!r}; known: {', '.join(TASKS)}, or {LM_EVAL_PREFIX}<lm-eval task name>"
@@ -39,8 +35,9 @@ def resolve_task(name: str) -> Callable:
     """The function that runs task `name` (imported on first use)."""
     check_task_name(name)
     if name.startswith(LM_EVAL_PREFIX):
-        from linearize.evals.lmeval import lm_eval_task
-
-        return functools.partial(lm_eval_task, task=name[len(LM_EVAL_PREFIX) :])
+        module, obj = LM_EVAL_TASK.split(":")
+        return functools.partial(
+            getattr(importlib.import_module(module), obj), task=name[len(LM_EVAL_PREFIX) :]
+        )
     module, obj = TASKS[name].split(":")
     return getattr(importlib.import_module(module), obj)

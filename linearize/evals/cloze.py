@@ -13,8 +13,16 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+from linearize.data import load_documents
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from linearize.evals.context import EvalContext, Scorer
 
 MIN_WORDS = 20
 MAX_WORDS = 120  # longer passages keep their last MAX_WORDS words (LAMBADA passages are ~80 words)
@@ -41,7 +49,9 @@ def split_passage(passage: str) -> tuple[str, str]:
     return context, word
 
 
-def encode(tokenizer, passage: str, bos: list[int], max_len: int) -> tuple[list[int], int] | None:
+def encode(
+    tokenizer: PreTrainedTokenizerBase, passage: str, bos: list[int], max_len: int
+) -> tuple[list[int], int] | None:
     """(ids, first target position) with the context cut from the left to fit `max_len`, or None when
     the tokenizer merges the word with its context (no clean boundary)."""
     context, word = split_passage(passage)
@@ -55,15 +65,13 @@ def encode(tokenizer, passage: str, bos: list[int], max_len: int) -> tuple[list[
     return ids, len(ids) - len(target)
 
 
-def cloze_texts(ctx) -> list[str]:
-    from linearize.distill.data import load_documents
-
+def cloze_texts(ctx: EvalContext) -> list[str]:
     docs = load_documents(ctx.settings.cloze_data)
     return docs[-ctx.settings.cloze_docs :]
 
 
 @torch.no_grad()
-def cloze_scores(ctx, scorers, items: list[tuple[list[int], int]]) -> dict:
+def cloze_scores(ctx: EvalContext, scorers: list[Scorer], items: list[tuple[list[int], int]]) -> dict:
     out = {}
     for scorer in scorers:
         right, nll, words = 0, 0.0, 0
@@ -83,7 +91,7 @@ def cloze_scores(ctx, scorers, items: list[tuple[list[int], int]]) -> dict:
     return out
 
 
-def cloze_items(ctx) -> tuple[list[tuple[list[int], int]], dict]:
+def cloze_items(ctx: EvalContext) -> tuple[list[tuple[list[int], int]], dict]:
     s = ctx.settings
     texts = passages(cloze_texts(ctx), s.cloze_passages, s.seed)
     items = [e for e in (encode(ctx.tokenizer, p, ctx.bos, ctx.context_length) for p in texts) if e]
@@ -97,7 +105,7 @@ def cloze_items(ctx) -> tuple[list[tuple[list[int], int]], dict]:
     return items, meta
 
 
-def cloze_task(ctx) -> dict:
+def cloze_task(ctx: EvalContext) -> dict:
     """Last-word accuracy and per-word perplexity of teacher and student on the same passages."""
     items, meta = cloze_items(ctx)
     return {"meta": meta, **cloze_scores(ctx, ctx.scorers, items)}

@@ -4,30 +4,25 @@
   tokens plus the first `sinks` tokens (attention sinks), through an explicit 4D boolean attention
   mask (no patching). It is scored on perplexity and recall next to teacher and student; a student
   that does not beat it is flagged in the report.
-- `branches`: per-branch controls of a hybrid student (window only / linear only / no attention),
-  each a mixer switch of the hybrid mixers (`window_linear`, `gated` with a window); see
-  `hybrid_branch_controls`.
+- `branches`: per-branch controls of a hybrid student (window only / linear only / no attention): while
+  one is scored, each hybrid mixer (`window_linear`, `gated` with a window) stands in `layer.self_attn`
+  behind a `BranchControl` that runs that branch alone; see `hybrid_branch_controls`.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 
 from linearize.evals import EvalError
+from linearize.evals.context import BRANCHES, HYBRID_MIXERS, WINDOW, Scorer, is_hybrid
+from linearize.evals.perplexity import ppl_blocks, scorer_perplexity
+from linearize.evals.recall import recall_scores
 
-HYBRID_MIXERS = ("window_linear", "gated with gated_window")
-
-
-def is_hybrid(plan: dict) -> bool:
-    """Whether a converted model's mixers have branch switches (a window and a linear/gated branch)."""
-    return plan.get("mixer") == "window_linear" or (
-        plan.get("mixer") == "gated" and bool(plan.get("gated_window"))
-    )
-
-
-BRANCHES = ("window_only", "linear_only", "no_attention")
+if TYPE_CHECKING:
+    from linearize.evals.context import EvalContext
 
 
 def sliding_window_mask(seq_len: int, device: torch.device, window: int, sinks: int) -> torch.Tensor:
@@ -38,19 +33,14 @@ def sliding_window_mask(seq_len: int, device: torch.device, window: int, sinks: 
     return keep[None, None]
 
 
-def window_scorer(ctx):
-    from linearize.evals.harness import WINDOW, Scorer
-
+def window_scorer(ctx: EvalContext) -> Scorer:
     s = ctx.settings
     return Scorer(
         WINDOW, ctx.teacher.model, functools.partial(sliding_window_mask, window=s.window, sinks=s.sinks)
     )
 
 
-def window_control(ctx) -> dict:
-    from linearize.evals.perplexity import ppl_blocks, scorer_perplexity
-    from linearize.evals.recall import recall_scores
-
+def window_control(ctx: EvalContext) -> dict:
     s = ctx.settings
     blocks, meta = ppl_blocks(ctx)
     scorers = [ctx.teacher, ctx.student, window_scorer(ctx)]
@@ -78,35 +68,23 @@ def window_control(ctx) -> dict:
     }
 
 
-def hybrid_branch_controls(ctx) -> dict:
+def hybrid_branch_controls(ctx: EvalContext) -> dict:
     """Per-branch controls of a hybrid student: the student with only its window branch, only its linear
     branch, and with no attention at all, scored on the student's metrics (held-out perplexity, MQAR and
     passkey accuracy) next to the whole student. A student that does not beat each of its own branches on
     perplexity is flagged (`student_beats_branches`, `verdict`): the other branch then adds nothing.
 
-    Uses the hybrid mixers' branch switches (a mixer mode per branch, set with
-    `linearize.architectures.mixers.mode`); a student without a window branch is an error.
+    Each branch runs through the hybrid mixers' `forward_branch` (see `branch_control`); a student without
+    a window branch is an error.
     """
-    from linearize.architectures.mixers import MODES
-
     mixer = ctx.student_plan.get("mixer")
     if not is_hybrid(ctx.student_plan):
         raise EvalError(
             f"controls for hybrid branches need a hybrid student ({' or '.join(HYBRID_MIXERS)}); this "
             f"student's mixer is {mixer!r}. Run controls=window for the sliding-window baseline."
         )
-    missing = [b for b in BRANCHES if b not in MODES]
-    if missing:
-        raise EvalError(
-            f"controls for hybrid branches need the mixer modes {', '.join(missing)}, which this version of "
-            f"linearize.architectures.mixers lacks"
-        )
-    from linearize.evals.harness import Scorer
-    from linearize.evals.perplexity import ppl_blocks, scorer_perplexity
-    from linearize.evals.recall import recall_scores
-
     blocks, meta = ppl_blocks(ctx)
-    scorers = [ctx.student] + [Scorer(b, ctx.student.model, mixer_mode=b) for b in BRANCHES]
+    scorers = [ctx.student] + [Scorer(b, ctx.student.model, branch=b) for b in BRANCHES]
     recall = recall_scores(ctx, scorers)
     out = {"meta": meta}
     for sc in scorers:
@@ -131,12 +109,10 @@ def hybrid_branch_controls(ctx) -> dict:
 CONTROLS = {"window": window_control, "branches": hybrid_branch_controls}
 
 
-def controls_task(ctx) -> dict:
+def controls_task(ctx: EvalContext) -> dict:
     """The controls named in settings.controls, each next to teacher and student."""
-    from linearize.architectures.mixers import MODES
-
     asked = list(ctx.settings.controls)
-    hybrid = is_hybrid(ctx.student_plan) and all(b in MODES for b in BRANCHES)
+    hybrid = is_hybrid(ctx.student_plan)
     if hybrid and "branches" not in asked:
         asked.append("branches")
     return {name: CONTROLS[name](ctx) for name in asked}

@@ -11,186 +11,21 @@ import dataclasses
 import json
 import platform
 import time
-import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from linearize.config import Recipe, parse_pairs_into
+from linearize.convert.teachers import load_teacher
 from linearize.evals import EvalError, check_task_name, resolve_task
+from linearize.evals.context import STUDENT, TEACHER, EvalContext, EvalSettings, Scorer
+from linearize.evals.report import write_report
 
-TEACHER, STUDENT, WINDOW = "teacher", "student", "sliding_window"
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-
-@dataclass(kw_only=True)
-class EvalSettings:
-    """Sizes and grids of the tasks; `linearize eval key=value` sets any of them."""
-
-    seed: int = 0
-    """Seeds every generated sample (MQAR, passkey, cloze sampling)."""
-    device: str = ""
-    """Device to run on; empty: cuda when available, else cpu."""
-    cpu_threads: int = 1
-    """torch threads on CPU for the whole evaluation (1 avoids OpenMP spin-waiting on a loaded machine,
-    which makes small models 10x slower and timings unstable; 0: torch's default)."""
-    batch_size: int = 8
-    """Sequences per forward pass."""
-    ppl_data: list[str] = field(default_factory=list)
-    """Perplexity text: .txt/.jsonl/.json/.parquet files, `hub:NAME`, `bundled:NAME`; empty: the run's
-    held-out documents (recipe.yaml), else the last 49 bundled TinyStories documents."""
-    ppl_mode: typing.Literal["window", "document"] = "window"
-    """`window`: documents concatenated and cut into `ppl_seq_len` blocks; `document`: each document
-    scored alone (split into `ppl_seq_len` windows when longer)."""
-    ppl_seq_len: int = 256
-    """Tokens per perplexity window."""
-    ppl_max_blocks: int = 0
-    """Score at most this many windows (0: all)."""
-    add_bos: bool = True
-    """Prepend BOS to every document and generated sample (when the tokenizer has one)."""
-    mqar_pairs: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
-    """MQAR: numbers of key-value pairs."""
-    mqar_lengths: list[int] = field(default_factory=lambda: [128, 256, 512])
-    """MQAR: sequence lengths (pairs, filler, then every key queried once)."""
-    mqar_samples: int = 16
-    """MQAR: sequences per (pairs, length) cell."""
-    passkey_lengths: list[int] = field(default_factory=lambda: [256, 384, 512])
-    """Passkey: prompt lengths in tokens (capped at the model's context)."""
-    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    """Passkey: where the key sits in the filler (0: start, 1: end)."""
-    passkey_samples: int = 8
-    """Passkey: prompts per (depth, length) cell."""
-    passkey_digits: int = 5
-    """Passkey: digits of the hidden number."""
-    cloze_data: str = "bundled:tinystories_docs.txt"
-    """Cloze passages come from the last `cloze_docs` documents of this source."""
-    cloze_docs: int = 49
-    """Cloze: documents taken from the end of `cloze_data` (held out of the bundled recipe's training)."""
-    cloze_passages: int = 200
-    """Cloze: passages sampled (each ends at a sentence's last word)."""
-    speed_lengths: list[int] = field(default_factory=lambda: [64, 128, 256, 448])
-    """Speed: context lengths (capped at the model's context minus `decode_tokens`)."""
-    decode_tokens: int = 32
-    """Speed: tokens decoded one at a time after each prefill."""
-    speed_repeats: int = 3
-    """Speed: timed repeats per measurement (the median is reported)."""
-    window: int = 64
-    """Controls: window of the sliding-window teacher (tokens, the current one included)."""
-    sinks: int = 4
-    """Controls: attention-sink tokens at the start every query may always see."""
-    controls: list[str] = field(default_factory=lambda: ["window"])
-    """Controls to run: `window` (sliding window + sinks on the teacher), `branches` (per-branch
-    controls of a hybrid window_linear student)."""
-    lm_eval_limit: int = 0
-    """lm_eval tasks: at most this many documents per task (0: all)."""
-    lm_eval_include: list[str] = field(default_factory=list)
-    """lm_eval tasks: extra folders of task YAMLs (the shipped `linearize/evals/tasks` is always included)."""
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "ppl_seq_len", "mqar_samples", "passkey_samples", "decode_tokens"):
-            if getattr(self, name) < 1:
-                raise EvalError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("mqar_pairs", "mqar_lengths", "passkey_lengths", "speed_lengths"):
-            if not getattr(self, name) or min(getattr(self, name)) < 1:
-                raise EvalError(
-                    f"{name} must be a non-empty list of integers >= 1, got {getattr(self, name)}"
-                )
-        if any(not 0 <= d <= 1 for d in self.passkey_depths) or not self.passkey_depths:
-            raise EvalError(f"passkey_depths must be fractions in [0, 1], got {self.passkey_depths}")
-        if self.window < 1 or self.sinks < 0:
-            raise EvalError(
-                f"window must be >= 1 and sinks >= 0, got window={self.window} sinks={self.sinks}"
-            )
-        bad = [c for c in self.controls if c not in ("window", "branches")]
-        if bad:
-            raise EvalError(f"controls={bad[0]!r} is not valid; choose from: window, branches")
-
-    @classmethod
-    def from_pairs(cls, pairs: dict[str, str]) -> EvalSettings:
-        """Settings from `linearize eval` `key=value` strings, read by `linearize.config.parse_pairs_into`."""
-        return parse_pairs_into(
-            cls, pairs, error=EvalError, what="eval option", also_valid=("model", "teacher", "tasks", "out")
-        )
-
-    @classmethod
-    def for_recipe(cls, recipe: Recipe, device: str | torch.device) -> EvalSettings:
-        """Settings of the eval run at the end of `convert`: the recipe's seed, `eval` section and BOS rule."""
-        return cls(
-            seed=recipe.seed,
-            device=str(device),
-            batch_size=recipe.eval.batch_size,
-            ppl_seq_len=recipe.eval.seq_len,
-            ppl_max_blocks=recipe.eval.max_blocks,
-            add_bos=recipe.data.add_bos,
-        )
-
-
-@dataclass
-class Scorer:
-    """A model under evaluation: its name in the report and an optional attention mask builder."""
-
-    name: str
-    model: torch.nn.Module
-    mask: Callable[[int, torch.device], torch.Tensor] | None = None
-    """seq_len, device -> [1, 1, seq_len, seq_len] boolean mask (True = may attend), for the controls."""
-    mixer_mode: str | None = None
-    """A mixer mode to score the model in (a hybrid student's branch control, e.g. "window_only")."""
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @torch.no_grad()
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """float32 logits of a [batch, seq] batch, no cache."""
-        ids = ids.to(self.device)
-        kwargs = {}
-        if self.mask is not None:
-            kwargs["attention_mask"] = self.mask(ids.shape[1], ids.device).expand(ids.shape[0], 1, -1, -1)
-        if self.mixer_mode is None:
-            return self.model(input_ids=ids, use_cache=False, **kwargs).logits.float()
-        from linearize.architectures.mixers import mode
-
-        with mode(self.model, self.mixer_mode):
-            return self.model(input_ids=ids, use_cache=False, **kwargs).logits.float()
-
-
-@dataclass
-class EvalContext:
-    """What a task sees: the two models, the shared tokenizer, settings and what is known of the run."""
-
-    teacher: Scorer
-    student: Scorer
-    tokenizer: Any
-    settings: EvalSettings
-    recipe: dict | None = None
-    """The run's recipe.yaml, when the student folder has one."""
-    run_dir: Path | None = None
-    """The run folder (the student folder's parent, when it holds the run's recipe.yaml)."""
-
-    @property
-    def scorers(self) -> list[Scorer]:
-        return [self.teacher, self.student]
-
-    @property
-    def context_length(self) -> int:
-        """Longest sequence both models handle (max_position_embeddings of the teacher)."""
-        return int(getattr(self.teacher.model.config, "max_position_embeddings", 2048) or 2048)
-
-    @property
-    def bos(self) -> list[int]:
-        bos = self.tokenizer.bos_token_id
-        return [bos] if self.settings.add_bos and bos is not None else []
-
-    @property
-    def student_plan(self) -> dict:
-        return dict(getattr(self.student.model.config, "linearize", None) or {})
-
-    def generator(self, salt: int) -> torch.Generator:
-        """A torch generator seeded from the settings' seed and a per-task salt."""
-        return torch.Generator().manual_seed(self.settings.seed * 1_000_003 + salt)
+__all__ = ["EvalContext", "EvalSettings", "Scorer", "evaluate", "load_student"]
 
 
 def pick_device(name: str) -> torch.device:
@@ -204,11 +39,11 @@ def read_recipe(folder: Path) -> dict | None:
     return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 
-def load_student(path: str | Path, device: torch.device):
+def load_student(
+    path: str | Path, device: torch.device
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict | None]:
     """(model, tokenizer, recipe dict or None) of an exported converted checkpoint."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    import linearize  # noqa: F401  (registers the converted classes with the Auto classes)
 
     folder = Path(path)
     if not (folder / "config.json").is_file():
@@ -226,14 +61,20 @@ def load_student(path: str | Path, device: torch.device):
     return model, AutoTokenizer.from_pretrained(folder), read_recipe(folder)
 
 
-def load_teacher_for(path: str, dtype: str, device: torch.device):
-    from linearize.convert.teachers import load_teacher
+def load_teacher_for(
+    path: str, dtype: str, device: torch.device
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
 
     model, tokenizer = load_teacher(path, dtype)
     return model.to(device).eval(), tokenizer
 
 
-def check_same_vocab(teacher, teacher_tok, student, student_tok) -> None:
+def check_same_vocab(
+    teacher: PreTrainedModel,
+    teacher_tok: PreTrainedTokenizerBase,
+    student: PreTrainedModel,
+    student_tok: PreTrainedTokenizerBase,
+) -> None:
     """Teacher and student must share a tokenizer, or no number of the report is comparable."""
     tv, sv = teacher.config.vocab_size, student.config.vocab_size
     if tv != sv:
@@ -289,7 +130,6 @@ def evaluate(
     The teacher is `teacher` when given, else the `teacher.path` of the student's recipe.yaml.
     Returns the results dict (what results.json holds).
     """
-    from linearize.evals.report import write_report
 
     settings = settings or EvalSettings()
     if not tasks:

@@ -8,15 +8,19 @@ tasks download their data from the Hub, so offline only local-data tasks run.
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from linearize.assets import package_folder
 from linearize.evals import EvalError
+
+if TYPE_CHECKING:
+    from linearize.evals.context import EvalContext
 
 
 def shipped_tasks_folder() -> Path:
     """The folder of lm-eval task YAMLs shipped with linearize (pass it to `--include_path`)."""
-    return Path(str(resources.files("linearize") / "evals" / "tasks"))
+    return package_folder("evals") / "tasks"
 
 
 def _lm_eval():
@@ -40,7 +44,7 @@ def numbers(metrics: dict) -> dict:
     return out
 
 
-def lm_eval_task(ctx, task: str) -> dict:
+def lm_eval_task(ctx: EvalContext, task: str) -> dict:
     """Metrics of `task` for teacher and student (same lm-eval version, settings and documents)."""
     lm_eval, HFLM, TaskManager = _lm_eval()
     s = ctx.settings

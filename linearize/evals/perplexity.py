@@ -8,13 +8,21 @@ longer. A window's first token is never predicted, so `tokens` counts (window le
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
-from linearize.distill.data import pack
+from linearize.config import DataConfig
+from linearize.data import load_documents, pack, tokenize
+from linearize.distributed import max_over_processes
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from linearize.evals.context import EvalContext, Scorer
 
 
-def group_by_length(blocks: list[list[int]], batch_size: int):
+def group_by_length(blocks: list[list[int]], batch_size: int) -> Iterator[torch.Tensor]:
     """Batches of equal-length blocks (no padding needed)."""
     by_len: dict[int, list[list[int]]] = {}
     for b in blocks:
@@ -34,7 +42,9 @@ def _batch_nll(logits_fn, ids: torch.Tensor) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def block_nll(logits_fn, blocks: list[list[int]], batch_size: int) -> tuple[float, int]:
+def block_nll(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor], blocks: list[list[int]], batch_size: int
+) -> tuple[float, int]:
     """(summed next-token NLL, predicted tokens) of `blocks` under `logits_fn(ids) -> logits`."""
     total_nll, total_tokens = 0.0, 0
     for ids in group_by_length(blocks, batch_size):
@@ -47,13 +57,16 @@ def block_nll(logits_fn, blocks: list[list[int]], batch_size: int) -> tuple[floa
 
 
 @torch.no_grad()
-def split_block_nll(logits_fn, blocks: list[list[int]], batch_size: int, device) -> tuple[float, int]:
+def split_block_nll(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    blocks: list[list[int]],
+    batch_size: int,
+    device: torch.device,
+) -> tuple[float, int]:
     """`block_nll` over every process of a sharded model, whose forward is collective: this process scores
     blocks rank, rank + world_size, ..., runs as many forwards as the process with the most (the extra ones on
     two tokens, unscored), and the sums are all-reduced."""
     import torch.distributed as dist
-
-    from linearize.distill.loop import max_over_processes
 
     rank, world = dist.get_rank(), dist.get_world_size()
     batches = [ids for ids in group_by_length(blocks[rank::world], batch_size) if ids.shape[1] >= 2]
@@ -75,7 +88,7 @@ def _summary(nll: float, tokens: int, blocks: int) -> dict:
 
 @torch.no_grad()
 def perplexity(
-    model,
+    model: torch.nn.Module,
     docs: list[list[int]],
     seq_len: int,
     batch_size: int = 8,
@@ -118,11 +131,8 @@ def windows(docs: list[list[int]], seq_len: int, mode: str, max_blocks: int = 0)
     return blocks[:max_blocks] if max_blocks else blocks
 
 
-def heldout_texts(ctx) -> tuple[list[str], str]:
+def heldout_texts(ctx: EvalContext) -> tuple[list[str], str]:
     """(documents, description) of the perplexity text the settings or the run's recipe name."""
-    from linearize.config import DataConfig
-    from linearize.distill.data import load_documents
-
     s = ctx.settings
     if s.ppl_data:
         return [d for src in s.ppl_data for d in load_documents(src)], ", ".join(s.ppl_data)
@@ -136,15 +146,13 @@ def heldout_texts(ctx) -> tuple[list[str], str]:
     return docs[-n:], f"last {n} documents of {', '.join(sources)} (held out of training)"
 
 
-def scorer_perplexity(scorer, blocks: list[list[int]], batch_size: int) -> dict:
+def scorer_perplexity(scorer: Scorer, blocks: list[list[int]], batch_size: int) -> dict:
     nll, tokens = block_nll(scorer.logits, blocks, batch_size)
     return _summary(nll, tokens, len(blocks))
 
 
-def ppl_blocks(ctx) -> tuple[list[list[int]], dict]:
+def ppl_blocks(ctx: EvalContext) -> tuple[list[list[int]], dict]:
     """The perplexity windows and how they were made (for the report)."""
-    from linearize.distill.data import tokenize
-
     s = ctx.settings
     texts, source = heldout_texts(ctx)
     seq_len = min(s.ppl_seq_len, ctx.context_length)
@@ -160,7 +168,7 @@ def ppl_blocks(ctx) -> tuple[list[list[int]], dict]:
     return blocks, meta
 
 
-def ppl_task(ctx) -> dict:
+def ppl_task(ctx: EvalContext) -> dict:
     """Held-out perplexity of teacher and student on the same windows."""
     blocks, meta = ppl_blocks(ctx)
     out = {"meta": meta}

@@ -14,7 +14,16 @@ ones before (= greedy decoding reproduces the number). Accuracy per (depth, leng
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from transformers import PreTrainedTokenizerBase
+
+    from linearize.evals.context import EvalContext, Scorer
 
 INTRO = "There is an important number hidden inside a lot of irrelevant text. Find it and remember it."
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -22,7 +31,9 @@ KEY = " The pass key is {n}. Remember it. {n} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
 
 
-def token_pools(tokenizer, vocab_size: int) -> tuple[list[int], list[int], list[int]]:
+def token_pools(
+    tokenizer: PreTrainedTokenizerBase, vocab_size: int
+) -> tuple[list[int], list[int], list[int]]:
     """Key, value and filler ids: three disjoint thirds of the vocabulary without special tokens."""
     special = set(tokenizer.all_special_ids)
     usable = [i for i in range(vocab_size) if i not in special]
@@ -30,7 +41,14 @@ def token_pools(tokenizer, vocab_size: int) -> tuple[list[int], list[int], list[
     return usable[:third], usable[third : 2 * third], usable[2 * third :]
 
 
-def mqar_batch(pairs: int, length: int, samples: int, pools, bos: list[int], gen: torch.Generator):
+def mqar_batch(
+    pairs: int,
+    length: int,
+    samples: int,
+    pools: tuple[list[int], list[int], list[int]],
+    bos: list[int],
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids [samples, length], query positions [samples, pairs], value ids [samples, pairs])."""
     keys_pool, values_pool, filler_pool = (torch.tensor(p) for p in pools)
     fill = length - len(bos) - 4 * pairs
@@ -49,7 +67,7 @@ def mqar_batch(pairs: int, length: int, samples: int, pools, bos: list[int], gen
     return torch.stack(rows), torch.stack(positions), torch.stack(targets)
 
 
-def mqar(ctx, scorers) -> dict:
+def mqar(ctx: EvalContext, scorers: Sequence[Scorer]) -> dict:
     s = ctx.settings
     pools = token_pools(ctx.tokenizer, ctx.teacher.model.config.vocab_size)
     lengths = sorted({min(n, ctx.context_length) for n in s.mqar_lengths})
@@ -82,7 +100,9 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def passkey_prompt(tokenizer, length: int, depth: float, number: str, bos: list[int]):
+def passkey_prompt(
+    tokenizer: PreTrainedTokenizerBase, length: int, depth: float, number: str, bos: list[int]
+) -> tuple[list[int], int] | None:
     """(ids, answer start) of one passkey prompt of exactly `length` tokens, or None if it cannot fit."""
     question = _ids(tokenizer, QUESTION)
     joint = _ids(tokenizer, QUESTION + " " + number)
@@ -101,7 +121,7 @@ def passkey_prompt(tokenizer, length: int, depth: float, number: str, bos: list[
     return ids, len(ids) - len(answer)
 
 
-def passkey(ctx, scorers) -> dict:
+def passkey(ctx: EvalContext, scorers: Sequence[Scorer]) -> dict:
     s = ctx.settings
     lengths = sorted({min(n, ctx.context_length) for n in s.passkey_lengths})
     depths = s.passkey_depths
@@ -137,10 +157,10 @@ def passkey(ctx, scorers) -> dict:
     return out
 
 
-def recall_scores(ctx, scorers) -> dict:
+def recall_scores(ctx: EvalContext, scorers: Sequence[Scorer]) -> dict:
     return {"mqar": mqar(ctx, scorers), "passkey": passkey(ctx, scorers)}
 
 
-def recall_task(ctx) -> dict:
+def recall_task(ctx: EvalContext) -> dict:
     """MQAR and passkey accuracy of teacher and student on the same generated samples."""
     return recall_scores(ctx, ctx.scorers)

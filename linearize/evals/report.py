@@ -7,6 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
+from linearize.convert.card import ppl_results, recall_results
+
 MODELS = ("teacher", "student", "sliding_window")
 
 
@@ -26,21 +28,6 @@ def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def ppl_results(tasks: dict) -> dict | None:
-    """Perplexity per model, the controls' run (which has the sliding window too) preferred."""
-    window = tasks.get("controls", {}).get("window")
-    if window:
-        return window["ppl"]
-    return tasks.get("ppl")
-
-
-def recall_results(tasks: dict) -> dict | None:
-    window = tasks.get("controls", {}).get("window")
-    if window:
-        return window["recall"]
-    return tasks.get("recall")
 
 
 def header(info: dict) -> str:

@@ -15,11 +15,17 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from transformers.cache_utils import Cache
 
-def tensor_bytes(obj, seen: set | None = None) -> int:
+    from linearize.evals.context import EvalContext
+
+
+def tensor_bytes(obj: object, seen: set | None = None) -> int:
     """Bytes of every distinct tensor reachable from a cache object (layers, lists, dicts, attributes)."""
     seen = set() if seen is None else seen
     if isinstance(obj, torch.Tensor):
@@ -36,7 +42,7 @@ def tensor_bytes(obj, seen: set | None = None) -> int:
     return 0
 
 
-def cache_bytes(cache) -> int:
+def cache_bytes(cache: Cache | None) -> int:
     return tensor_bytes(getattr(cache, "layers", cache))
 
 
@@ -55,7 +61,9 @@ def peak_rss_bytes() -> int | None:
 
 
 @torch.no_grad()
-def measure(model, length: int, decode_tokens: int, repeats: int, gen: torch.Generator) -> dict:
+def measure(
+    model: torch.nn.Module, length: int, decode_tokens: int, repeats: int, gen: torch.Generator
+) -> dict:
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (1, length), generator=gen).to(device)
@@ -95,7 +103,7 @@ def measure(model, length: int, decode_tokens: int, repeats: int, gen: torch.Gen
     return row
 
 
-def speed_task(ctx) -> dict:
+def speed_task(ctx: EvalContext) -> dict:
     """Prefill/decode speed and cache memory per context length, teacher (KV cache) vs student."""
     s = ctx.settings
     device = ctx.student.device

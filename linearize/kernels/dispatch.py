@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import functools
 import importlib
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
 
 
 @functools.cache
@@ -47,7 +51,13 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, total: int) -> list[i
     return offsets
 
 
-def over_sequences(fn, tensors, cu_seqlens, initial_state, output_final_state: bool):
+def over_sequences(
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, ...] | None]],
+    tensors: Sequence[torch.Tensor],
+    cu_seqlens: torch.Tensor,
+    initial_state: torch.Tensor | tuple[torch.Tensor, ...] | None,
+    output_final_state: bool,
+) -> tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, ...] | None]:
     """Variable-length batches on the torch forms: run `fn(*tensors_of_one_sequence, initial_state=...,
     output_final_state=True)` on each packed sequence of a [1, T, ...] batch, each from its own initial state
     (a tensor [N, ...] or a tuple of them, or None), and concatenate the outputs along T. Returns

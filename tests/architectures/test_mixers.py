@@ -7,16 +7,16 @@ import textwrap
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, student_config, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import linearize  # noqa: F401  (registers the converted classes with the Auto classes)
 from linearize.architectures.configuration_linearize import mixer_state_count
-from linearize.architectures.mixers import MIXER_CLASSES, SoftmaxMixer, keep_softmax, mixers, mode
-from linearize.config import Recipe, StudentConfig
+from linearize.architectures.mixers import MIXER_CLASSES, SoftmaxMixer, keep_softmax, mixers
+from linearize.assets import bundled_path
+from linearize.config import Recipe
 from linearize.convert.export import export
 from linearize.convert.swap import plan_for, swap
-from linearize.convert.teachers import bundled_path
 
 # name -> StudentConfig fields; windows (8) and slots (16) smaller than the test sequences
 VARIANTS = {
@@ -40,7 +40,7 @@ def student_of(family, variant, layers="all"):
     """A tiny converted model whose new parameters are perturbed away from their init (so every branch and
     gate matters); returns (student, plan)."""
     teacher = tiny_model(family)
-    plan = plan_for(StudentConfig(**VARIANTS[variant], layers=layers), teacher.config)
+    plan = plan_for(student_config(**VARIANTS[variant], layers=layers), teacher.config)
     student = swap(teacher, plan)
     torch.manual_seed(1)
     with torch.no_grad():
@@ -65,7 +65,7 @@ def test_every_registered_mixer_is_covered_and_declares_its_cache_states():
     assert {v["mixer"] for v in VARIANTS.values()} == set(MIXERS) - {"softmax"}
     for name in VARIANTS:
         student, plan = student_of("llama", name)
-        assert {m.num_states for m in mixers(student)} == {mixer_state_count(plan)}, name
+        assert {m.num_states for m in mixers(student)} == {mixer_state_count(plan.spec())}, name
 
 
 @pytest.mark.parametrize("layers", ["all", [1]], ids=["all", "hybrid"])
@@ -185,7 +185,7 @@ def test_every_mixer_and_family_loads_with_remote_code_in_a_venv_without_lineari
 # gated_slot) cannot reproduce this teacher's sharp attention with the 16 features of a plain map on its
 # 8-dim heads (plain hedgehog stalls at 0.66-0.72 of the initial loss even after 600 steps): they use a
 # 4x wider map with a bias (gated_slot: T2R, its paper's setting) and a higher lr; see
-# `student.feature_dim`. Every mixer must halve its loss.
+# `student.settings.feature_dim`. Every mixer must halve its loss.
 STAGE1 = {
     "linear": (dict(feature_dim=32, feature_bias=True), 0.1, 150),
     "gated": (dict(feature_dim=32, feature_bias=True), 0.1, 120),
@@ -198,28 +198,29 @@ def test_attention_stage_halves_the_alignment_loss_on_the_bundled_teacher(varian
     teacher, AdamW steps of one 128-token block each, lowers the loss on 8 blocks to half its value at init."""
     from linearize.config import DataConfig
     from linearize.convert.teachers import load_teacher
-    from linearize.distill.data import build_splits
+    from linearize.data import build_splits
     from linearize.distill.stages import attention_stage, new_parameters
+    from linearize.distill.teacher import LiveTeacher
 
     torch.manual_seed(0)
     teacher, tok = load_teacher("bundled:stories260K")
     blocks = build_splits(DataConfig(seq_len=128), tok).train[:8]
     fields = {**VARIANTS[variant], "window": 16} if "window" in VARIANTS[variant] else dict(VARIANTS[variant])
     extra, lr, steps = STAGE1.get(variant, ({}, 0.05, 60))
-    student = swap(teacher, plan_for(StudentConfig(**{**fields, **extra}), teacher.config))
-    loss_fn = attention_stage(student)
-    params = [p for p in student.parameters() if p.requires_grad]
+    student = swap(teacher, plan_for(student_config(**{**fields, **extra}), teacher.config))
+    aligner, loss_fn = attention_stage(student, LiveTeacher(teacher))
+    params = [p for p in aligner.parameters() if p.requires_grad]
     trained = {n for n, p in student.named_parameters() if p.requires_grad}
     assert trained and trained == set(new_parameters(student))
     opt = torch.optim.AdamW(params, lr=lr)
     with torch.no_grad():
-        first = loss_fn(student, blocks).item()
+        first = loss_fn(aligner, blocks).item()
     for step in range(steps):
-        loss_fn(student, blocks[step % 4 : step % 4 + 1]).backward()
+        loss_fn(aligner, blocks[step % 4 : step % 4 + 1]).backward()
         opt.step()
         opt.zero_grad()
     with torch.no_grad():
-        last = loss_fn(student, blocks).item()
+        last = loss_fn(aligner, blocks).item()
     assert last <= 0.5 * first, (first, last, last / first)
 
 
@@ -241,23 +242,28 @@ def test_keep_softmax_restores_the_teacher_layer(family):
 
 @pytest.mark.parametrize("hybrid", ["window_linear", "gated_window"])
 def test_hybrid_branch_controls(family, hybrid):
-    """A hybrid mixer switches each branch off: window_only, linear_only and no_attention each change the
-    output and stay finite; the gated mixer's linear_only is the `gated` mixer without a window."""
+    """A hybrid mixer runs each branch alone (the evals' branch control wraps it): window_only, linear_only
+    and no_attention each change the output and stay finite; the gated mixer's linear_only is the `gated`
+    mixer without a window; the student's own forward is untouched afterwards."""
+    from linearize.evals import EvalError
+    from linearize.evals.context import branch_control
+
     student, plan = student_of(family, hybrid)
     ids = torch.randint(0, 512, (2, 24))
     with torch.no_grad():
         base = student(ids).logits
         out = {}
         for name in ("window_only", "linear_only", "no_attention"):
-            with mode(student, name):
+            with branch_control(student, name):
                 out[name] = student(ids).logits
             assert torch.isfinite(out[name]).all()
             assert (out[name] - base).abs().max().item() > 1e-4, name
         assert (out["window_only"] - out["linear_only"]).abs().max().item() > 1e-4
+        assert torch.equal(student(ids).logits, base)
         if hybrid == "window_linear":
             return
         gated, _ = student_of(family, "gated")
         gated.load_state_dict(student.state_dict(), strict=False)  # same weights, no window branch
         assert (gated(ids).logits - out["linear_only"]).abs().max().item() <= 1e-5
-    with pytest.raises(ValueError, match="needs a hybrid mixer"), mode(gated, "window_only"):
+    with pytest.raises(EvalError, match="needs a hybrid mixer"), branch_control(gated, "window_only"):
         pass

@@ -2,15 +2,15 @@
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import student_config, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import linearize  # noqa: F401  (registers the converted classes with the Auto classes)
-from linearize.architectures.mixers import LinearMixer, SoftmaxMixer, WindowLinearMixer, mixers, mode
+from linearize.architectures.mixers import LinearMixer, SoftmaxMixer, WindowLinearMixer, mixers
+from linearize.assets import bundled_path
 from linearize.config import Recipe, RecipeError, StudentConfig
 from linearize.convert.export import export
 from linearize.convert.swap import plan_for, swap
-from linearize.convert.teachers import bundled_path
 
 WINDOW = 8  # shorter than the test sequences, so the linear branch carries real weight
 
@@ -19,7 +19,7 @@ def window_student(family, layers="all", window=WINDOW):
     """A tiny window_linear student with non-trivial feature maps and window factors; returns (student, plan)."""
     teacher = tiny_model(family)
     plan = plan_for(
-        StudentConfig(mixer="window_linear", window=window, layers=layers),
+        student_config(mixer="window_linear", window=window, layers=layers),
         teacher.config,
     )
     student = swap(teacher, plan)
@@ -51,16 +51,16 @@ def test_swap_builds_window_mixers_with_new_parameters():
         "feature_map_k.weight",
         "window_factor_logit",
     }
-    fresh = plan_for(StudentConfig(mixer="window_linear"), tiny_model("llama").config)
+    fresh = plan_for(student_config(mixer="window_linear"), tiny_model("llama").config)
     mixer = swap(tiny_model("llama"), fresh).model.layers[0].self_attn
     assert mixer.window == 64 and torch.allclose(torch.sigmoid(mixer.window_factor_logit), torch.tensor(0.5))
 
 
 def test_recipe_validates_window_fields():
-    with pytest.raises(RecipeError, match="student.window must be an integer >= 1"):
-        StudentConfig(mixer="window_linear", window=0)
+    with pytest.raises(RecipeError, match="student.settings.window must be an integer >= 1"):
+        student_config(mixer="window_linear", window=0)
     with pytest.raises(RecipeError, match="window_factor_init must lie in the open interval"):
-        StudentConfig(mixer="window_linear", window_factor_init=1.0)
+        student_config(mixer="window_linear", window_factor_init=1.0)
 
 
 def test_padded_prefill_has_no_nan_and_ignores_pads(tmp_path):
@@ -87,17 +87,18 @@ def test_window_linear_branches_are_o_proj_of_zero_and_the_linear_mixer(family):
     hidden = torch.randn(2, 5, student.config.hidden_size)
     pos = student.model.rotary_emb(hidden, torch.arange(5)[None])
     with torch.no_grad():
-        with mode(student, "no_attention"):
-            got, _ = layer(hidden, position_embeddings=pos)
+        got, _ = layer.forward_branch("no_attention", hidden, position_embeddings=pos)
         assert torch.equal(got, layer.o_proj(torch.zeros(2, 5, layer.num_heads * layer.head_dim)))
-        with mode(student, "linear_only"):
-            got, _ = layer(hidden, position_embeddings=pos)
-        assert (got - LinearMixer.student_forward(layer, hidden, pos, None)).abs().max().item() <= 1e-6
+        got, _ = layer.forward_branch("linear_only", hidden, position_embeddings=pos)
+        assert (got - LinearMixer.attend(layer, hidden, pos, None)).abs().max().item() <= 1e-6
 
 
-def test_branch_modes_refused_by_other_mixers():
+def test_branches_refused_by_other_mixers():
     teacher = tiny_model("llama")
     student = swap(teacher, plan_for(StudentConfig(), teacher.config))
-    with pytest.raises(ValueError, match="mode 'window_only' needs a hybrid mixer .* layer 0 is LinearMixer"):
-        with mode(student, "window_only"):
-            pass
+    hidden = torch.randn(1, 3, student.config.hidden_size)
+    pos = student.model.rotary_emb(hidden, torch.arange(3)[None])
+    with pytest.raises(
+        ValueError, match="branch 'window_only' needs a hybrid mixer .* layer 0 is LinearMixer"
+    ):
+        student.model.layers[0].self_attn.forward_branch("window_only", hidden, pos)

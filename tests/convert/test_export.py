@@ -5,10 +5,10 @@ from conftest import tiny_model
 from transformers import AutoTokenizer
 
 import linearize  # noqa: F401  (registers the converted classes with the Auto classes)
+from linearize.assets import bundled_path
 from linearize.config import Recipe, StudentConfig
 from linearize.convert.export import BUNDLE, MAX_SHARD_SIZE, export
 from linearize.convert.swap import plan_for, swap
-from linearize.convert.teachers import bundled_path
 
 
 def converted(family: str, tmp_path, layers="all"):

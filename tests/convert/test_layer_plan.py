@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 import linearize  # noqa: F401  (registers the converted classes with the Auto classes)
 from linearize.architectures.mixers import GatedDeltaMixer, SoftmaxMixer
 from linearize.config import load_recipe
-from linearize.convert.pipeline import convert
+from linearize.pipeline import convert
 
 OVERRIDES = {
     "student.mixer": "gated_delta",

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import linearize  # noqa: F401  (registers the converted classes with the Auto classes)
+from linearize.assets import bundled_path
 from linearize.cli import main
 from linearize.config import Recipe, StudentConfig
 from linearize.convert import export as export_module
@@ -15,7 +16,7 @@ from linearize.convert.card import CardError, check_card
 from linearize.convert.export import export, file_digests
 from linearize.convert.publish import PublishError, PublishSettings, publish
 from linearize.convert.swap import plan_for, swap
-from linearize.convert.teachers import bundled_path, load_teacher
+from linearize.convert.teachers import load_teacher
 
 BASE = "karpathy/stories260K"  # the Hub id the deltas name; the weights come from the bundled folder
 

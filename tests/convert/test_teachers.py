@@ -2,7 +2,7 @@ import pytest
 from conftest import tiny_config
 
 from linearize.convert.teachers import TeacherError, family_of, load_teacher, resolve_path
-from linearize.distill.data import DataError, load_documents
+from linearize.data import DataError, load_documents
 
 
 def test_bundled_teacher_loads_and_generates_the_reference_text():

@@ -9,8 +9,8 @@ from safetensors import safe_open
 
 from linearize.config import DataConfig
 from linearize.convert.teachers import load_teacher
+from linearize.data import build_splits
 from linearize.distill import logit_cache
-from linearize.distill.data import build_splits
 from linearize.distill.logit_cache import LogitCache, LogitCacheError, kl_from_topk, write_logit_cache
 from linearize.distill.losses import kl_teacher_student
 
@@ -239,6 +239,7 @@ def test_logits_stage_from_a_full_cache_matches_the_live_teacher(teacher_and_blo
     from linearize.config import LogitsStageConfig, StudentConfig
     from linearize.convert.swap import plan_for, swap
     from linearize.distill.stages import logits_stage
+    from linearize.distill.teacher import CachedTeacher, LiveTeacher
 
     teacher, blocks = teacher_and_blocks
     teacher = copy.deepcopy(teacher)
@@ -247,8 +248,8 @@ def test_logits_stage_from_a_full_cache_matches_the_live_teacher(teacher_and_blo
     student = swap(teacher, plan_for(StudentConfig(), teacher.config))
     cfg = LogitsStageConfig(trainable="attention")
     losses, grads = [], []
-    for source in ({"frozen_teacher": frozen}, {"frozen_teacher": None, "cache": cache}):
-        model, loss_fn = logits_stage(student, cfg, **source)
+    for source in (LiveTeacher(frozen), CachedTeacher(cache)):
+        model, loss_fn = logits_stage(student, cfg, source)
         loss = loss_fn(model, blocks[:4])
         loss.backward()
         losses.append(loss.item())
@@ -260,7 +261,7 @@ def test_logits_stage_from_a_full_cache_matches_the_live_teacher(teacher_and_blo
 
 def test_convert_with_a_logit_cache_writes_it_once_and_needs_no_teacher_copy(tmp_path, capsys):
     from linearize.config import RecipeError, load_recipe
-    from linearize.convert.pipeline import convert
+    from linearize.pipeline import convert
 
     overrides = {
         "output_dir": str(tmp_path / "run"),

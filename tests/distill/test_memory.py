@@ -20,7 +20,6 @@ from linearize.distill.memory import (
     WORKSPACE_INTERMEDIATE,
     GiB,
     MemoryBudgetError,
-    Sharding,
     check_fits,
     check_host_memory,
     count_parameters,
@@ -28,6 +27,8 @@ from linearize.distill.memory import (
     student_on_meta,
 )
 from linearize.distill.stages import attention_stage, logits_stage
+from linearize.distill.teacher import LiveTeacher
+from linearize.distributed import Sharding
 
 HUB_CONFIGS = Path(__file__).parent.parent / "fixtures" / "hub_configs"
 MIXERS = ["linear", "window_linear", "gated", "gated_slot", "gated_delta"]
@@ -54,10 +55,11 @@ def test_parameter_counts_match_the_real_student(family, mixer):
     counts = count_parameters(config, recipe, "attention")
     assert counts.total == sum(p.numel() for p in meta.parameters())
     assert all(p.is_meta for p in meta.parameters())
-    student = swap(tiny_model(family), plan_for(recipe.student, config))
+    teacher = tiny_model(family)
+    student = swap(teacher, plan_for(recipe.student, config))
     assert counts.total == sum(p.numel() for p in student.parameters())
     assert counts.weight_bytes == sum(p.numel() * p.element_size() for p in student.parameters())
-    attention_stage(student)
+    attention_stage(student, LiveTeacher(teacher))
     assert counts.trainable == trainable(student) > 0
 
     for kind in ("lora", "attention", "all"):
@@ -66,8 +68,7 @@ def test_parameter_counts_match_the_real_student(family, mixer):
         )
         counts = count_parameters(config, recipe, "logits")
         student = swap(tiny_model(family), plan_for(recipe.student, config))
-        frozen = tiny_model(family) if kind != "lora" else None
-        model, _ = logits_stage(student, recipe.stages.logits, frozen)
+        model, _ = logits_stage(student, recipe.stages.logits, LiveTeacher(tiny_model(family)))
         assert counts.trainable == trainable(model), kind
         assert counts.total == sum(p.numel() for p in model.parameters()), kind
 
@@ -106,6 +107,16 @@ def test_sharding_divides_what_it_should():
     assert one.frozen_teacher == count_parameters(config, recipe, "logits").teacher_bytes
     assert ddp.frozen_teacher == zero2.frozen_teacher == one.frozen_teacher
     assert zero3.frozen_teacher == fsdp2.frozen_teacher == -(-one.frozen_teacher // 8)
+    # stage attention and LoRA share the student's weights, unless the placement shards them
+    for shared in (
+        estimate(config, recipe, "attention", 8, sharding=Sharding.from_accelerate_config("zero2")),
+        estimate(config, load_recipe("qwen-7b-to-linear"), "logits", 1),
+    ):
+        assert shared.frozen_teacher == 0
+    zero3_attention = estimate(
+        config, recipe, "attention", 8, sharding=Sharding.from_accelerate_config("zero3")
+    )
+    assert zero3_attention.frozen_teacher == zero3.frozen_teacher
     assert one.total > zero2.total > fsdp2.total
     # tokens count every process
     assert fsdp2.tokens == 8 * one.tokens == 8 * 2000 * 4 * 2 * 1024
@@ -202,15 +213,15 @@ def saved_per_token_layer(stage: str, mixer: str, layers: int, feature_dim: int 
             "student.mixer": mixer,
             "student.impl": "chunked",
             "stages.logits.trainable": "lora",
-            "student.feature_dim": str(feature_dim) if feature_dim else "null",
-            "student.feature_bias": "false",
+            "student.settings.feature_dim": str(feature_dim) if feature_dim else "null",
+            "student.settings.feature_bias": "false",
         },
     )
     student = swap(model, plan_for(recipe.student, config))
     if stage == "attention":
-        model, loss_fn = student, attention_stage(student)
+        model, loss_fn = attention_stage(student, LiveTeacher(model))
     else:
-        model, loss_fn = logits_stage(student, recipe.stages.logits, None)
+        model, loss_fn = logits_stage(student, recipe.stages.logits, LiveTeacher(model))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -249,7 +260,7 @@ def test_a_wider_feature_map_stays_within_the_scaled_constants(mixer):
         "attention", mixer, 1, 256
     )
     plain = saved_per_token_layer("attention", mixer, 2) - saved_per_token_layer("attention", mixer, 1)
-    recipe = load_recipe("tiny", {"student.feature_dim": "256"})
+    recipe = load_recipe("tiny", {"student.settings.feature_dim": "256"})
     factor = feature_width_factor(recipe, type("C", (), {"head_dim": 128, "hidden_size": 256})())
     assert factor == 2.0
     assert plain < per_layer <= factor * ACTIVATIONS["chunked"]["attention"][mixer] * 256 * 2
@@ -311,20 +322,16 @@ def test_fsdp2_needs_the_whole_model_in_rank_0s_cpu_memory():
     check_host_memory(found, 1024 * GiB)  # a node of 8 H100s has 1-2 TiB
     with pytest.raises(
         MemoryBudgetError,
-        match=r"rank 0 holds the whole model in CPU memory \(1 x 13\d GiB\) .* 128 GiB of RAM",
+        match=r"rank 0 holds the whole model in CPU memory \(13\d GiB\) .* 128 GiB of RAM",
     ):
         check_host_memory(found, 128 * GiB)
-    # trainable=attention without the cache: the frozen teacher copy sits beside it while stage logits starts
+    # trainable=attention without the cache: the teacher is a sharded view, not a second whole copy
     uncached = load_recipe("qwen-72b-to-linear", {"stages.logits.cache_k": "0"})
-    found = [estimate(config, uncached, "logits", 32, 80 * GiB)]
-    with pytest.raises(
-        MemoryBudgetError, match=r"\(2 x 13\d GiB, the student and the frozen teacher copy\).*cache_k=32"
-    ):
-        check_host_memory(found, 256 * GiB)
+    check_host_memory([estimate(config, uncached, "logits", 32, 80 * GiB)], 256 * GiB)
 
 
 def test_convert_prints_the_estimate_and_refuses_a_run_that_does_not_fit(tmp_path, capsys):
-    from linearize.convert.pipeline import convert
+    from linearize.pipeline import convert
 
     short = {
         "stages.attention.steps": "1",

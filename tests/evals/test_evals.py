@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import student_config
 
 from linearize.config import Recipe, StudentConfig
 from linearize.convert.export import export
@@ -205,7 +206,7 @@ def test_cloze_scores_teacher_above_untrained_student(ctx):
 
 
 def test_shipped_lm_eval_data_is_what_the_cloze_generator_writes(tmp_path):
-    from linearize.distill.data import load_documents
+    from linearize.data import load_documents
     from linearize.evals.cloze import passages, write_jsonl
     from linearize.evals.lmeval import shipped_tasks_folder
 
@@ -344,7 +345,7 @@ def test_branch_controls_score_each_branch_of_a_hybrid_student(fields, tmp_path)
     table and says whether the student beats each of its branches."""
     torch.set_num_threads(1)
     teacher, tok = load_teacher("bundled:stories260K")
-    plan = plan_for(StudentConfig(**fields), teacher.config)
+    plan = plan_for(student_config(**fields), teacher.config)
     torch.manual_seed(0)
     folder = export(swap(teacher, plan), tok, plan, Recipe(), tmp_path / "final")
     settings = EvalSettings(**SMALL, controls=["branches"])

@@ -6,6 +6,6 @@ from pathlib import Path
 import datasets
 
 
-def load(**_):
+def load(**_: object) -> datasets.DatasetDict:
     path = Path(__file__).with_name("linearize_cloze.jsonl")
     return datasets.load_dataset("json", data_files={"test": str(path)})

@@ -1,23 +1,13 @@
-"""The pipeline's frozen teacher copy (stage logits, trainable=attention) on one process; its ZeRO-3 engine
-is tested on 2 ranks in tests/distill/test_deepspeed.py."""
+"""The conversion flow on one process: the teacher and the frozen copy stage logits trains against, the
+fine-tuned-teacher control; the ZeRO-3 engine of the teacher is tested on 2 ranks in
+tests/distributed/test_deepspeed.py."""
 
 import json
 import math
 
-from linearize.config import Recipe, load_recipe
-from linearize.convert.pipeline import convert, deepspeed_frozen_teacher, prepare_frozen_teacher
+from linearize.config import load_recipe
 from linearize.convert.teachers import load_teacher
-from linearize.distill.loop import make_accelerator
-
-
-def test_without_sharding_the_frozen_teacher_is_the_module_itself_frozen():
-    teacher, _ = load_teacher("bundled:stories260K")
-    teacher.train()
-    frozen = prepare_frozen_teacher(make_accelerator(Recipe()), teacher, batch_size=2)
-    assert frozen is teacher and not frozen.training
-    assert not any(p.requires_grad for p in frozen.parameters())
-    # ZeRO-1/2 keep whole weights on every process: no engine, nothing imported
-    assert deepspeed_frozen_teacher(teacher, {"zero_optimization": {"stage": 2}}, 2, 8) is teacher
+from linearize.pipeline import convert
 
 
 def test_convert_trains_attention_against_the_frozen_copy(tmp_path):
@@ -47,6 +37,7 @@ def test_the_fine_tuned_teacher_control_skips_stage_attention_and_exports_a_soft
     overrides = {
         "output_dir": str(tmp_path / "run"),
         "student.mixer": "softmax",
+        "student.settings": "{}",
         "stages.attention.steps": "2",
         "stages.logits.steps": "2",
         "stages.logits.ce_weight": "1",
@@ -77,20 +68,22 @@ def test_a_rerun_is_refused_only_for_a_recipe_that_changes_the_run(tmp_path):
     import yaml
 
     from linearize.config import load_recipe
-    from linearize.convert.pipeline import recipe_differences
+    from linearize.pipeline import recipe_differences
 
     saved = tmp_path / "recipe.yaml"
     recipe = load_recipe("tiny", {"output_dir": str(tmp_path)})
     tree = recipe.to_dict()
     tree["description"] = "an older wording"
     tree["launch"]["hardware"] = "a laptop"
-    del tree["student"]["feature_bias"]  # as a run started before the field existed would have saved it
-    tree["student"]["feature_bias"] = recipe.student.feature_bias  # ...at the recipe's value
+    del tree["student"]["settings"]["feature_bias"]  # as a run started before the field existed saved it
+    tree["student"]["settings"]["feature_bias"] = (
+        recipe.student.settings.feature_bias
+    )  # ...at the recipe's value
     saved.write_text(yaml.safe_dump(tree, sort_keys=False))
     assert recipe_differences(saved, recipe) == []
-    del tree["student"]["feature_bias"]  # absent: the schema's default (false), and the tiny recipe says true
+    del tree["student"]["settings"]["feature_bias"]  # absent: the default (false); the tiny recipe says true
     saved.write_text(yaml.safe_dump(tree, sort_keys=False))
-    assert recipe_differences(saved, recipe) == ["student.feature_bias: False then, True now"]
+    assert recipe_differences(saved, recipe) == ["student.settings.feature_bias: False then, True now"]
     other = load_recipe("tiny", {"output_dir": str(tmp_path), "seed": "5", "stages.logits.lr": "0.01"})
     saved.write_text(recipe.to_yaml())
     assert recipe_differences(saved, other) == [

@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from linearize.assets import bundled_path
 from linearize.config import DataConfig
-from linearize.convert.teachers import bundled_path
-from linearize.distill.data import DataError, batch_indices, build_splits, load_documents, pack
+from linearize.data import DataError, batch_indices, build_splits, load_documents, pack
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_batch_order_is_a_function_of_seed_and_step():
 
 
 def stream(path, tokenizer, per_process=3, rank=0, processes=1):
-    from linearize.distill.data import StreamedBlocks
+    from linearize.data import StreamedBlocks
 
     cfg = DataConfig(train=[str(path)], seq_len=64, streaming=True, heldout_docs=0)
     return StreamedBlocks(cfg, tokenizer, per_process, rank, processes)

@@ -13,11 +13,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from linearize.assets import resolve_bundled
 from linearize.config import DataConfig
-from linearize.convert.teachers import BUNDLED_PREFIX, bundled_path
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 HUB_PREFIX = "hub:"
 PREVIEW_BLOCKS = 16  # blocks read from the head of a stream for the layer ranking and a sample prompt
@@ -63,9 +67,7 @@ def _open(source: str, text_field: str, separator: str, streaming: bool = False)
                 f"cannot load Hub dataset {name!r}: {err}; offline, give local files instead"
             ) from None
     else:
-        path = (
-            bundled_path(source[len(BUNDLED_PREFIX) :]) if source.startswith(BUNDLED_PREFIX) else Path(source)
-        )
+        path = Path(resolve_bundled(source))
         if not path.is_file():
             raise DataError(f"data file {path} does not exist (data.train / data.heldout)")
         fmt = _FORMATS.get(path.suffix.lower())
@@ -97,7 +99,7 @@ def load_documents(source: str, text_field: str = "text", separator: str = "<|en
     return docs
 
 
-def tokenize(docs: list[str], tokenizer, add_bos: bool = True) -> list[list[int]]:
+def tokenize(docs: list[str], tokenizer: PreTrainedTokenizerBase, add_bos: bool = True) -> list[list[int]]:
     """Token ids per document, BOS prepended when asked and the tokenizer has one (BOS alone separates
     packed documents, as in llama2.c and Llama pretraining)."""
     # SentencePiece tokenizers collapse runs of spaces; the fast tokenizer does not, so do it here.
@@ -119,7 +121,7 @@ def pack(token_lists: list[list[int]], seq_len: int, keep_remainder: bool = Fals
     return blocks
 
 
-def build_splits(cfg: DataConfig, tokenizer) -> Splits:
+def build_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Splits:
     """Training blocks and held-out documents as the recipe's data section says. When streaming, `train`
     holds only the first `PREVIEW_BLOCKS` blocks of the stream (for the layer ranking and a sample prompt);
     training batches come from `StreamedBlocks`."""
@@ -194,7 +196,14 @@ class StreamedBlocks:
 
     MAP_BATCH = 1000
 
-    def __init__(self, cfg: DataConfig, tokenizer, per_process: int, rank: int, num_processes: int):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        per_process: int,
+        rank: int,
+        num_processes: int,
+    ):
         import datasets
         from datasets.distributed import split_dataset_by_node
 

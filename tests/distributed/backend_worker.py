@@ -18,7 +18,7 @@ import sys
 from accelerate.state import AcceleratorState
 from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 
-import linearize.convert.pipeline as pipeline
+import linearize.distributed as distributed
 from linearize.cli import main
 
 BACKEND = os.environ["LINEARIZE_TEST_BACKEND"]
@@ -38,7 +38,7 @@ def _set_distributed_type(state, value):
 
 
 AcceleratorState.distributed_type = property(_distributed_type, _set_distributed_type)
-make_accelerator = pipeline.make_accelerator
+make_accelerator = distributed.make_accelerator
 
 
 def make_pinned_accelerator(recipe):
@@ -68,7 +68,7 @@ def make_pinned_accelerator(recipe):
     return accelerator
 
 
-pipeline.make_accelerator = make_pinned_accelerator
+distributed.make_accelerator = make_pinned_accelerator
 
 if BACKEND == "fsdp2" and os.environ.get("RANK", "0") != "0":
     # Under FSDP2 only rank 0 reads weights (the others build the model empty and receive their shards): any

@@ -4,7 +4,7 @@ frozen teacher of stage logits (trainable=attention) is a sharded engine of its 
 whole again on every rank after each stage.
 
 deepspeed_worker.py drives the engines directly, the way accelerate does in our loop; the accelerate path
-itself (`linearize distill` under ZeRO-2/3) is checked in test_distributed.py through backend_worker.py."""
+itself (`linearize distill` under ZeRO-2/3) is checked in test_ranks.py through backend_worker.py."""
 
 import json
 import os

@@ -3,9 +3,9 @@
     python -m torch.distributed.run --standalone --nproc_per_node=2 deepspeed_worker.py OUT.json   # ZeRO-2, 3
     python deepspeed_worker.py OUT.json --plain                                                    # reference
 
-Run by tests/distill/test_deepspeed.py with DS_ACCELERATOR=cpu. Every run trains a fresh student for
+Run by tests/distributed/test_deepspeed.py with DS_ACCELERATOR=cpu. Every run trains a fresh student for
 stage attention, then the same student for stage logits (trainable=attention, against a frozen teacher copy
-prepared by the pipeline's `deepspeed_frozen_teacher`), on the same global batch of each step, and writes
+prepared by `linearize.distributed.deepspeed_frozen_teacher`), on the same global batch of each step, and writes
 each stage's per-step losses (the mean over the global batch) to OUT.json. DeepSpeed is driven the way
 accelerate drives it in our loop (`DeepSpeedEngineWrapper`: gradient_accumulation_steps 1 in the config, the
 accumulation boundary set per micro-batch), with the torch AdamW and the gradient clipping of the plain run
@@ -25,6 +25,7 @@ from linearize.config import LogitsStageConfig, StudentConfig
 from linearize.convert.swap import plan_for, swap
 from linearize.convert.teachers import load_teacher
 from linearize.distill.stages import attention_stage, logits_stage
+from linearize.distill.teacher import LiveTeacher
 
 STEPS = 3
 GLOBAL_BATCH = 4
@@ -58,9 +59,11 @@ def plain(out: str) -> None:
     losses, weights = {}, {}
     for stage in ("attention", "logits"):
         if stage == "attention":
-            model, loss_fn = student, attention_stage(student)
+            model, loss_fn = attention_stage(student, LiveTeacher(frozen))
         else:
-            model, loss_fn = logits_stage(student, LogitsStageConfig(trainable="attention"), frozen)
+            model, loss_fn = logits_stage(
+                student, LogitsStageConfig(trainable="attention"), LiveTeacher(frozen)
+            )
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **ADAMW)
         scheduler = schedule(optimizer)
         losses[stage] = []
@@ -107,8 +110,7 @@ def distributed(out: str) -> None:
     import torch.distributed as dist
     from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
 
-    from linearize.convert.pipeline import deepspeed_frozen_teacher
-    from linearize.distill.loop import unpartition
+    from linearize.distributed import deepspeed_frozen_teacher, unpartition
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -124,9 +126,11 @@ def distributed(out: str) -> None:
         checks = {"teacher_engine": teacher is not frozen, "teacher_sharded": sharded(frozen)}
         for stage in ("attention", "logits"):
             if stage == "attention":
-                model, loss_fn = student, attention_stage(student)
+                model, loss_fn = attention_stage(student, LiveTeacher(teacher))
             else:
-                model, loss_fn = logits_stage(student, LogitsStageConfig(trainable="attention"), teacher)
+                model, loss_fn = logits_stage(
+                    student, LogitsStageConfig(trainable="attention"), LiveTeacher(teacher)
+                )
             params = [p for p in model.parameters() if p.requires_grad]
             engine, *_ = deepspeed.initialize(
                 model=model, model_parameters=params, config=config, lr_scheduler=schedule

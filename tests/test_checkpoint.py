@@ -1,6 +1,6 @@
 import pytest
 
-from linearize.distill import checkpoint
+from linearize import checkpoint
 
 
 def write_ckpt(root, step, fail=False):
