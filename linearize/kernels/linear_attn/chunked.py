@@ -64,7 +64,9 @@ def linear_attn_chunked(
     # Low-precision state sums drift over long sequences, so the math is at least float32.
     dtype = torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
     scale = K**-0.5 if scale is None else scale
-    q, k, v_aug = q.to(dtype) * scale, k.to(dtype), v.to(dtype)
+    q, k, v_aug = q.to(dtype), k.to(dtype), v.to(dtype)
+    if scale != 1.0:  # (the mixers' feature maps come scaled: a full-size multiply saved)
+        q = q * scale
     if normalize:
         # A ones column turns the denominator into one more value column of the same recurrence.
         v_aug = torch.cat([v_aug, v_aug.new_ones(B, T, H, 1)], dim=-1)
@@ -73,19 +75,29 @@ def linear_attn_chunked(
     N = -(-T // C)
 
     def to_chunks(x: torch.Tensor) -> torch.Tensor:
-        # [B, T, H, D] -> [B, H, N, C, D]. Zero keys/values add nothing to the state; padded queries'
-        # outputs are dropped.
-        x = F.pad(x, (0, 0, 0, 0, 0, N * C - T))
-        return x.reshape(B, N, C, H, x.shape[-1]).permute(0, 3, 1, 2, 4)
+        # [B, T, H, D] -> [B, H, N, C, D], contiguous once (each is used by two products, forward and
+        # backward). Zero keys/values add nothing to the state; padded queries' outputs are dropped.
+        if N * C > T:
+            x = F.pad(x, (0, 0, 0, 0, 0, N * C - T))
+        return x.transpose(1, 2).contiguous().view(B, H, N, C, x.shape[-1])
 
     qc, kc, vc = to_chunks(q), to_chunks(k), to_chunks(v_aug)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     scores = (qc @ kc.transpose(-1, -2)).masked_fill(~causal, 0)  # [B, H, N, C, C]
-    S0 = q.new_zeros(B, H, 1, K, Va) if initial_state is None else initial_state.to(dtype)[:, :, None]
-    # states[:, :, n] is the state before chunk n; states[:, :, N] the final one. [B, H, N+1, K, Va]
-    states = torch.cat([S0, kc.transpose(-1, -2) @ vc], dim=2).cumsum(dim=2)
-    o = scores @ vc + qc @ states[:, :, :N]  # [B, H, N, C, Va]
-    o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, Va)[:, :T]
+    # The state before chunk n is the sum of the chunks before it: a product with a strictly lower
+    # triangular matrix of ones over the chunk axis (cumsum along a middle axis, and its backward's flip,
+    # are several times slower on CPU). [B, H, N, K * Va] -> states before each chunk [B, H, N, K, Va].
+    increments = (kc.transpose(-1, -2) @ vc).view(B, H, N, K * Va)
+    before = torch.ones(N, N, dtype=dtype, device=q.device).tril(-1)
+    states = (before @ increments).view(B, H, N, K, Va)
+    if initial_state is not None:
+        states = states + initial_state.to(dtype)[:, :, None]
+    o = scores @ vc + qc @ states  # [B, H, N, C, Va]
+    o = o.view(B, H, N * C, Va).transpose(1, 2)[:, :T]
     if normalize:
         o = o[..., :V] / (o[..., V:] + eps)
-    return o.to(v.dtype), (states[:, :, N] if output_final_state else None)
+    final = None
+    if output_final_state:  # the sum of every chunk (of none when T = 0), after the initial state
+        final = increments.sum(dim=2).view(B, H, K, Va)
+        final = final if initial_state is None else final + initial_state.to(dtype)
+    return o.to(v.dtype), final
