@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from linearize import checkpoint
 from linearize.architectures.mixers import keep_softmax
@@ -50,7 +51,7 @@ class EvalLog:
         self.path, self.enabled = path, enabled
         self.results: dict = json.loads(path.read_text()) if path.is_file() else {}
 
-    def get(self, name: str, compute):
+    def get(self, name: str, compute: Callable[[], dict]) -> dict:
         if name not in self.results:
             self.results[name] = compute()
             if self.enabled:
@@ -111,7 +112,9 @@ def claim_run_dir(recipe: Recipe, is_main: bool) -> Path:
     return run_dir
 
 
-def save_weights(model: torch.nn.Module, folder: Path, recipe: Recipe, is_main: bool, barrier) -> None:
+def save_weights(
+    model: torch.nn.Module, folder: Path, recipe: Recipe, is_main: bool, barrier: Callable[[], None]
+) -> None:
     from safetensors.torch import save_model
 
     checkpoint.write_atomic(
@@ -364,7 +367,9 @@ def finish(run: Run) -> Path:
     return out
 
 
-def teacher_logit_cache(teacher, blocks, recipe: Recipe, run_dir: Path, placement: Placement) -> LogitCache:
+def teacher_logit_cache(
+    teacher: nn.Module, blocks: torch.Tensor, recipe: Recipe, run_dir: Path, placement: Placement
+) -> LogitCache:
     """Write (or finish, after a kill) the teacher's top-k logit cache over the training blocks, every
     process its share of the shards with its own whole teacher, or (FSDP2) with the teacher sharded over
     the processes, in step; every process then reads all of it."""
@@ -424,7 +429,7 @@ def apply_auto_plan(run: Run) -> None:
     )
 
 
-def run_eval_tasks(recipe: Recipe, out: Path, device, log) -> None:
+def run_eval_tasks(recipe: Recipe, out: Path, device: torch.device, log: Callable[[str], None]) -> None:
     """The recipe's eval tasks on the exported student and the original teacher; report in <run>/report."""
     settings = EvalSettings.for_recipe(recipe, device)
     results = evaluate(out, recipe.eval.tasks, out=recipe.run_dir / "report", settings=settings, log=log)
@@ -437,7 +442,13 @@ def sample_prompt(splits: Splits, n_tokens: int = 8) -> list[int]:
 
 
 @torch.no_grad()
-def greedy_sample(model, tokenizer, prompt: list[int], new_tokens: int = 32, synced: bool = False) -> str:
+def greedy_sample(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: list[int],
+    new_tokens: int = 32,
+    synced: bool = False,
+) -> str:
     """`synced=True` (a model sharded over the processes, every process calling): every process runs forwards
     until the last one has finished (transformers' synced_gpus)."""
     ids = torch.tensor([prompt], device=next(model.parameters()).device)
@@ -451,7 +462,7 @@ def greedy_sample(model, tokenizer, prompt: list[int], new_tokens: int = 32, syn
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
-def print_report(results: dict, out=print) -> None:
+def print_report(results: dict, out: Callable[[str], None] = print) -> None:
     if "teacher" not in results:
         return
     base = results["teacher"]["ppl"]

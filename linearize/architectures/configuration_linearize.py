@@ -7,7 +7,7 @@ One subclass per supported teacher family, so every field the family's modules r
 `number_of_conv_states` says how many recurrent states each of them holds (`mixer_state_count`).
 """
 
-from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config, Qwen3Config
 
 
 class LinearizeLlamaConfig(LlamaConfig):
@@ -34,7 +34,7 @@ CONFIG_CLASSES = {
 }
 
 
-def softmax_layer_type(config) -> str:
+def softmax_layer_type(config: PretrainedConfig) -> str:
     """Cache/mask type of a kept softmax layer in this family."""
     return (
         "sliding_attention"
@@ -43,7 +43,7 @@ def softmax_layer_type(config) -> str:
     )
 
 
-def linearized_layer_types(config, spec: dict) -> list[str]:
+def linearized_layer_types(config: PretrainedConfig, spec: dict) -> list[str]:
     kept = set(spec.get("softmax_layers", []))
     original = getattr(config, "layer_types", None)
     types = []
@@ -71,7 +71,7 @@ def mixer_state_count(spec: dict) -> int:
     return 1
 
 
-def linearized_cache_fields(config, spec: dict) -> dict:
+def linearized_cache_fields(config: PretrainedConfig, spec: dict) -> dict:
     """Extra config fields the converted layers' cache needs: transformers' DynamicCache(config=...) gives
     every "linear_attention" layer `config.number_of_conv_states` recurrent states."""
     kept = set(spec.get("softmax_layers", []))

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 import linearize
 from linearize import checkpoint
@@ -40,7 +41,7 @@ KERNEL_COPIES = {
 MAX_SHARD_SIZE = "5GB"  # transformers' default (50GB) is the Hub's hard per-file limit
 
 
-def converted_config(teacher_config, plan: dict):
+def converted_config(teacher_config: PretrainedConfig, plan: dict) -> PretrainedConfig:
     """The teacher's config as the matching Linearize*Config, with the plan and layer types."""
     family = plan["teacher_model_type"]
     config_cls = CONFIG_CLASSES[family]
@@ -93,7 +94,7 @@ def hardware(num_processes: int = 1, device: torch.device | None = None) -> str:
 
 def export(
     student: torch.nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     plan: Plan,
     recipe: Recipe,
     out: Path,

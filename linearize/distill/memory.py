@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+from accelerate import Accelerator
+from transformers import PretrainedConfig
 
 from linearize.architectures.mixers import MIXER_CLASSES
 from linearize.config import Recipe, RecipeError
@@ -61,7 +63,7 @@ ACTIVATIONS = {
 ACTIVATION_INTERMEDIATE = 3
 
 
-def feature_width_factor(recipe, model_config) -> float:
+def feature_width_factor(recipe: Recipe, model_config: PretrainedConfig) -> float:
     """How much wider than the measured setting (hedgehog's projection as wide as the head) the recipe's
     feature maps are: a converted layer's activation count is scaled by it, an upper bound (q, k, v and the
     outputs do not grow with the feature width)."""
@@ -199,7 +201,9 @@ def size(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
-def student_on_meta(model_config, recipe: Recipe, stage: str) -> tuple[torch.nn.Module, int]:
+def student_on_meta(
+    model_config: PretrainedConfig, recipe: Recipe, stage: str
+) -> tuple[torch.nn.Module, int]:
     """(the student model of `stage`, built on the meta device from the config alone, the teacher's bytes).
 
     For stage logits an `auto:N` plan keeps N layers softmax (which ones does not change the count)."""
@@ -216,7 +220,7 @@ def student_on_meta(model_config, recipe: Recipe, stage: str) -> tuple[torch.nn.
     return model, teacher_bytes
 
 
-def count_parameters(model_config, recipe: Recipe, stage: str) -> ParameterCounts:
+def count_parameters(model_config: PretrainedConfig, recipe: Recipe, stage: str) -> ParameterCounts:
     """Parameters of the student of `stage` and which of them train, without loading any weights."""
     from torch import nn
 
@@ -256,7 +260,7 @@ def _bytes(params) -> int:
 
 
 def estimate(
-    model_config,
+    model_config: PretrainedConfig,
     recipe: Recipe,
     stage: str,
     num_processes: int,
@@ -368,7 +372,7 @@ def check_fits(est: MemoryEstimate, available_bytes: int | None = None) -> None:
         )
 
 
-def device_memory(device, processes_per_node: int = 1) -> int:
+def device_memory(device: str | torch.device, processes_per_node: int = 1) -> int:
     """Bytes one process may use: a CUDA device's total memory, else the machine's RAM shared by the
     processes of this node."""
     device = torch.device(device)
@@ -387,7 +391,9 @@ def _ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def preflight(recipe: Recipe, model_config, stages: list[str], accelerator) -> list[MemoryEstimate]:
+def preflight(
+    recipe: Recipe, model_config: PretrainedConfig, stages: list[str], accelerator: Accelerator
+) -> list[MemoryEstimate]:
     """Print the estimate of every stage about to run and refuse the run when one does not fit."""
     sharding = Sharding.from_accelerator(accelerator)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))

@@ -142,7 +142,7 @@ class BranchControl(nn.Module):
         super().__init__()
         self.mixer, self.branch = mixer, branch
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.mixer.forward_branch(self.branch, *args, **kwargs)
 
 
