@@ -59,6 +59,7 @@ class Mixer(nn.Module):
 
     branches: tuple[str, ...] = ()  # the branch controls `forward_branch` runs (hybrid mixers: BRANCHES)
     num_states = 0  # recurrent states this mixer keeps in its cache layer
+    reads_teacher_qkv = False  # `attend` takes `teacher_qkv=` (see `rotary_qkv`)
 
     def __init__(self, teacher_attn: nn.Module, spec: dict[str, Any]):
         super().__init__()
@@ -123,9 +124,18 @@ class Mixer(nn.Module):
         return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
 
     def rotary_qkv(
-        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        teacher_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q: [B, T, H, D], k, v: [B, T, H_kv, D] after the teacher's q/k norms and RoPE."""
+        """q: [B, T, H, D], k, v: [B, T, H_kv, D] after the teacher's q/k norms and RoPE.
+
+        `teacher_qkv`: the teacher attention's own q, k, v for these hidden states (stage attention captures
+        them in the teacher's forward), which frozen projections, norms and RoPE would reproduce: returned as
+        they are instead of computed again. Mixers that read them say so with `reads_teacher_qkv`."""
+        if teacher_qkv is not None:
+            return teacher_qkv
         q, k, v = self.project(hidden_states)
         q, k = self.rotate(q, k, position_embeddings)
         return q, k, v
@@ -272,11 +282,12 @@ class LinearMixer(Mixer):
     """Normalised causal linear attention over feature-mapped q and k (after RoPE), GQA-aware.
 
     out_t = sum_{s<=t} phi(q_t).phi(k_s) v_s / (sum_{s<=t} phi(q_t).phi(k_s) + eps).
-    Decoding keeps one fixed-size state per layer: [batch, heads, feature_dim, head_dim + 1], whose last
+    Decoding keeps one fixed-size state per layer: [batch, kv_heads, feature_dim, head_dim + 1], whose last
     column is the running key sum of the normaliser.
     """
 
     num_states = 1
+    reads_teacher_qkv = True
 
     def __init__(self, teacher_attn: nn.Module, spec: dict[str, Any]):
         super().__init__(teacher_attn, spec)
@@ -290,12 +301,12 @@ class LinearMixer(Mixer):
         cache: Cache | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        q, k, v = self.rotary_qkv(hidden_states, position_embeddings)
+        q, k, v = self.rotary_qkv(hidden_states, position_embeddings, kwargs.get("teacher_qkv"))
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)
         keep = self.key_mask(kwargs, q.shape[1])
         if keep is not None:  # padded keys must not enter the state or the normaliser
             fk = fk * keep[:, :, None, None].to(fk.dtype)
-        fk, v = self.repeat_kv(fk, v)
+        # GQA in the op: keys and values stay on their H_kv heads (and so does the decode state)
         return self.heads_out(self.linear_attention(fq, fk, v, cache), hidden_states)
 
     def linear_attention(
@@ -391,7 +402,7 @@ class WindowLinearMixer(LinearMixer):
     ) -> torch.Tensor:
         if branch == "no_attention":
             return self.no_attention(hidden_states)
-        q, k, v = self.rotary_qkv(hidden_states, position_embeddings)
+        q, k, v = self.rotary_qkv(hidden_states, position_embeddings, kwargs.get("teacher_qkv"))
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)
         keep = self.key_mask(kwargs, q.shape[1])
         if keep is not None:  # padded keys must not enter the state or the normaliser
@@ -527,6 +538,7 @@ class GatedSlotMixer(Mixer):
 
     GATE_NORMALIZER = 8.0
     num_states = 2
+    reads_teacher_qkv = True
 
     def __init__(self, teacher_attn: nn.Module, spec: dict[str, Any]):
         super().__init__(teacher_attn, spec)
@@ -545,7 +557,7 @@ class GatedSlotMixer(Mixer):
         **kwargs: Any,
     ) -> torch.Tensor:
         batch, seq = hidden_states.shape[:2]
-        q, k, v = self.rotary_qkv(hidden_states, position_embeddings)
+        q, k, v = self.rotary_qkv(hidden_states, position_embeddings, kwargs.get("teacher_qkv"))
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)
         f = self.slot_proj(hidden_states).view(batch, seq, self.num_kv_heads, self.num_slots)
         g = F.logsigmoid(f.float()) / self.GATE_NORMALIZER
@@ -582,6 +594,7 @@ class GatedDeltaMixer(Mixer):
     """
 
     num_states = 1
+    reads_teacher_qkv = True
 
     def __init__(self, teacher_attn: nn.Module, spec: dict[str, Any]):
         super().__init__(teacher_attn, spec)
@@ -605,7 +618,7 @@ class GatedDeltaMixer(Mixer):
         **kwargs: Any,
     ) -> torch.Tensor:
         seq = hidden_states.shape[1]
-        q, k, v = self.rotary_qkv(hidden_states, position_embeddings)
+        q, k, v = self.rotary_qkv(hidden_states, position_embeddings, kwargs.get("teacher_qkv"))
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)
         beta = torch.sigmoid(self.beta_proj(hidden_states).float())
         g = -self.A_log.float().exp() * F.softplus(

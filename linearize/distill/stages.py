@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from linearize.architectures.mixers import Mixer, mixers
@@ -71,12 +70,25 @@ class Aligner(nn.Module):
 
     def forward(self, captured: Captured, per_layer: bool = False) -> torch.Tensor:
         decoder = self.student.model.layers
+        qkv = captured.qkv or [None] * len(captured.layers)
         losses = []
-        for i, x, target in zip(captured.layers, captured.inputs, captured.outputs):
-            out, _ = decoder[i].self_attn(x, captured.position_embeddings, None)
-            losses.append(F.mse_loss(out.float(), target.float()))
+        for i, x, target, teacher_qkv in zip(captured.layers, captured.inputs, captured.outputs, qkv):
+            mixer = decoder[i].self_attn
+            extra = {"teacher_qkv": teacher_qkv} if reuses_teacher_qkv(mixer, teacher_qkv) else {}
+            out, _ = mixer(x, captured.position_embeddings, None, **extra)
+            # the difference in the compute dtype, its mean square in float32
+            losses.append((out - target.to(out.dtype)).float().square().mean())
         stacked = torch.stack(losses)
         return stacked if per_layer else stacked.sum()
+
+
+def reuses_teacher_qkv(mixer: nn.Module, teacher_qkv: tuple | None) -> bool:
+    """Whether a mixer can take the teacher's captured q, k, v instead of computing its own: it reads them
+    (`reads_teacher_qkv`) and its projections and q/k norms are the teacher's, frozen."""
+    if teacher_qkv is None or not getattr(mixer, "reads_teacher_qkv", False):
+        return False
+    parts = [getattr(mixer, n, None) for n in ("q_proj", "k_proj", "v_proj", "q_norm", "k_norm")]
+    return not any(p.requires_grad for part in parts if part is not None for p in part.parameters())
 
 
 def attention_stage(

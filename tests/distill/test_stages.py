@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import student_config, tiny_model
 
 from linearize.config import LogitsStageConfig, Recipe, StageConfig, StudentConfig, TrainConfig
 from linearize.convert.swap import plan_for, swap
@@ -51,6 +51,54 @@ def test_attention_stage_trains_only_new_parameters_on_teacher_inputs(family):
     assert all(p.grad is None for n, p in student.named_parameters() if n not in trainable)
     with torch.no_grad():
         assert torch.equal(teacher(ids).logits, out.logits)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("mixer", ["linear", "window_linear", "gated_slot", "gated_delta"])
+def test_capture_hands_the_teachers_rotary_qkv_to_the_mixers(family, attn, mixer):
+    """The capture records each layer's q, k, v as the teacher's attention function receives them (after
+    its q/k norms and RoPE, k and v on the key/value heads); a mixer given them computes what it computes
+    from the hidden states alone, and the attention registry of transformers is left as it was."""
+    from transformers.modeling_utils import AttentionInterface
+
+    from linearize.distill.stages import reuses_teacher_qkv
+
+    teacher = tiny_model(family)
+    teacher.set_attn_implementation(attn)
+    registry = dict(AttentionInterface._global_mapping)
+    student = swap(teacher, plan_for(student_config(mixer=mixer), teacher.config))
+    aligner, _ = attention_stage(student, LiveTeacher(teacher))
+    ids = torch.randint(0, 512, (2, 12))
+    captured = LiveTeacher(teacher).capture(ids, aligner.layers)
+    assert AttentionInterface._global_mapping == registry
+    assert len(captured.qkv) == len(aligner.layers) and all(t is not None for t in captured.qkv)
+    for i, x, qkv in zip(captured.layers, captured.inputs, captured.qkv):
+        mixer_i = student.model.layers[i].self_attn
+        assert reuses_teacher_qkv(mixer_i, qkv)
+        own = mixer_i.rotary_qkv(x, captured.position_embeddings)
+        assert (
+            [t.shape for t in qkv] == [t.shape for t in own] == [(2, 12, 4, 8), (2, 12, 2, 8), (2, 12, 2, 8)]
+        )
+        for a, b in zip(qkv, own):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        given = aligner(captured, per_layer=True)
+        captured.qkv = []
+        computed = aligner(captured, per_layer=True)
+    torch.testing.assert_close(given, computed, rtol=1e-6, atol=0)
+
+
+def test_trained_projections_are_not_replaced_by_the_teachers():
+    """A mixer whose projections train is never handed the teacher's q, k, v (they would be stale)."""
+    from linearize.distill.stages import reuses_teacher_qkv
+
+    _, student = student_of()
+    mixer = student.model.layers[0].self_attn
+    qkv = (torch.zeros(1),) * 3
+    assert reuses_teacher_qkv(mixer.requires_grad_(False), qkv)
+    mixer.k_proj.weight.requires_grad_(True)
+    assert not reuses_teacher_qkv(mixer, qkv)
+    assert not reuses_teacher_qkv(mixer, None)
 
 
 @pytest.mark.parametrize("trainable", ["lora", "attention", "all"])

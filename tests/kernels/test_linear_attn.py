@@ -211,13 +211,19 @@ def test_resolve_impl():
 
 def test_bad_inputs_state_the_rule():
     q, k, v, h0 = make_inputs(2, 5, 2, 8, 4, True, True)
-    with pytest.raises(ValueError, match=r"q and k must have the same shape \[B, T, H, K\]"):
+    with pytest.raises(
+        ValueError, match=r"q must be \[B, T, H, K\] and k \[B, T, H_kv, K\] with the same B, T, K"
+    ):
         linear_attn(q, k[..., :4], v)
-    with pytest.raises(ValueError, match=r"v must be \[B, T, H, V\] with the same B, T, H as q"):
+    with pytest.raises(ValueError, match=r"q's heads \(2\) must be a multiple of k's \(3\)"):
+        linear_attn(q, torch.cat([k, k[:, :, :1]], dim=2), v)
+    with pytest.raises(ValueError, match=r"v must be \[B, T, H_kv, V\] with the same B, T, H_kv as k"):
         linear_attn(q, k, v[:1])
-    with pytest.raises(ValueError, match=r"initial_state must have shape \[B, H, K, V\+1\] = \[2, 2, 8, 5\]"):
+    with pytest.raises(
+        ValueError, match=r"initial_state must have shape \[B, H_kv, K, V\+1\] = \[2, 2, 8, 5\]"
+    ):
         linear_attn(q, k, v, initial_state=h0[..., :4])
-    with pytest.raises(ValueError, match=r"initial_state must have shape \[B, H, K, V\] = \[2, 2, 8, 4\]"):
+    with pytest.raises(ValueError, match=r"initial_state must have shape \[B, H_kv, K, V\] = \[2, 2, 8, 4\]"):
         linear_attn(q, k, v, initial_state=h0, normalize=False)
     with pytest.raises(
         ValueError, match=r"impl must be one of 'auto', 'chunked', 'reference', 'fla', got 'tri'"
@@ -227,7 +233,57 @@ def test_bad_inputs_state_the_rule():
         linear_attn(q, k, v, impl="fla")
     with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
         linear_attn(q, k, v, chunk_size=0)
-    with pytest.raises(ValueError, match=r"q and k must have the same shape \[B, 1, H, K\]"):
+    with pytest.raises(ValueError, match=r"q must be \[B, 1, H, K\] and k \[B, 1, H_kv, K\]"):
         linear_attn_step(q, k, v, h0)
-    with pytest.raises(ValueError, match=r"state must have shape \[B, H, K, V\+1\]"):
+    with pytest.raises(ValueError, match=r"state must have shape \[B, H_kv, K, V\+1\]"):
         linear_attn_step(q[:, :1], k[:, :1], v[:, :1], h0[..., :4])
+
+
+@pytest.mark.parametrize("impl", ["chunked", "reference"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_grouped_query_heads_equal_repeated_keys(impl, normalize):
+    """GQA: 6 query heads on 2 key/value heads give what 6 heads on the repeated keys and values give (query
+    head h reads key/value head h // 3), with one state per key/value head, in the forward and the grads; the
+    step form continues from that state."""
+    B, T, H, Hk, K, V = 2, 70, 6, 2, 8, 16
+    q, _, _, _ = make_inputs(B, T, H, K, V, normalize, False, seed=3)
+    _, k, v, h0 = make_inputs(B, T, Hk, K, V, normalize, True, seed=4)
+    g = torch.Generator().manual_seed(5)
+    do = torch.randn(B, T, H, V, generator=g, dtype=torch.float64)
+    dS = torch.randn(B, Hk, K, V + normalize, generator=g, dtype=torch.float64)
+
+    def repeated(q, k, v, initial_state, output_final_state, normalize):
+        o, S = linear_attn_reference(
+            q,
+            *(x.repeat_interleave(H // Hk, dim=2) for x in (k, v)),
+            initial_state=initial_state.repeat_interleave(H // Hk, dim=1),
+            output_final_state=output_final_state,
+            normalize=normalize,
+        )
+        return o, S[:, :: H // Hk]  # the heads of a group end in the same state
+
+    ref = run_with_grads(repeated, *leaves(q, k, v, h0, dtype=torch.float64), do, dS, normalize=normalize)
+    dtype = torch.float64 if impl == "reference" else torch.float32
+    got = run_with_grads(
+        linear_attn, *leaves(q, k, v, h0, dtype=dtype), do, dS, normalize=normalize, impl=impl
+    )
+    assert got[1].shape == (B, Hk, K, V + normalize)
+    for a, b in zip([got[0], got[1], *got[2]], [ref[0], ref[1], *ref[2]]):
+        assert rel_rms(a, b) < FP32_TOL
+
+    o, S = linear_attn(
+        q[:, :50].float(),
+        k[:, :50].float(),
+        v[:, :50].float(),
+        initial_state=h0.float(),
+        output_final_state=True,
+        normalize=normalize,
+    )
+    outs = [o]
+    for t in range(50, T):
+        o, S = linear_attn_step(
+            q[:, t : t + 1].float(), k[:, t : t + 1].float(), v[:, t : t + 1].float(), S, normalize=normalize
+        )
+        outs.append(o)
+    assert rel_rms(torch.cat(outs, dim=1), ref[0]) < FP32_TOL
+    assert rel_rms(S, ref[1]) < FP32_TOL

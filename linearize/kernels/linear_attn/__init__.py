@@ -48,6 +48,11 @@ def _linear_attn_fla(
             "impl='fla' needs flash-linear-attention (the `fla` package) to be importable"
         ) from e
     V = v.shape[-1]
+    groups = q.shape[2] // k.shape[2]
+    if groups > 1:  # fla's linear attention takes one key/value head per query head: the GQA groups expanded
+        k, v = (x.repeat_interleave(groups, dim=2) for x in (k, v))
+        if initial_state is not None:
+            initial_state = initial_state.repeat_interleave(groups, dim=1)
     v_aug = torch.cat([v, v.new_ones(*v.shape[:3], 1)], dim=-1) if normalize else v
     # fla's own normalize keeps the key sum in a separate tensor; ours rides in the state's last column,
     # so fla only runs the unnormalised recurrence (fp32 state) and the division stays here.
@@ -64,6 +69,8 @@ def _linear_attn_fla(
         # fla returns o in v.dtype: numerator and denominator are each rounded once before this fp32 divide.
         o = o.float()
         o = o[..., :V] / (o[..., V:] + eps)
+    if final_state is not None and groups > 1:  # the heads of a group hold the same state: keep one each
+        final_state = final_state.unflatten(1, (-1, groups))[:, :, 0]
     return o.to(v.dtype), (final_state.float() if final_state is not None else None)
 
 
@@ -82,10 +89,13 @@ def linear_attn(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal linear attention over a whole sequence.
 
-    q, k: [B, T, H, K], already feature-mapped (non-negative when normalize); v: [B, T, H, V].
+    q: [B, T, H, K], k: [B, T, H_kv, K], already feature-mapped (non-negative when normalize); v: [B, T, H_kv, V].
+    H_kv divides H (grouped-query attention; H_kv = H is multi-head): query head h reads key/value head
+    h // (H / H_kv), and the state is kept once per key/value head.
     scale: multiplies q; None means K ** -0.5.
     normalize: o_t = num_t / (den_t + eps), den_t = sum_{s<=t} scale q_t . k_s (initial state included).
-    initial_state: [B, H, K, V+1] when normalize (last column = running key sum), else [B, H, K, V]; float32.
+    initial_state: [B, H_kv, K, V+1] when normalize (last column = running key sum), else [B, H_kv, K, V];
+    float32.
     impl: "auto" | "chunked" | "reference" | "fla" (see resolve_impl). chunk_size: used by "chunked".
     Returns o: [B, T, H, V] in v.dtype, and the final state (same layout as initial_state, float32;
     float64 for float64 inputs) when output_final_state, else None.

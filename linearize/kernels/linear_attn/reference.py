@@ -16,23 +16,25 @@ def linear_attn_reference(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal linear attention, one token at a time.
 
-    q, k: [B, T, H, K]; v: [B, T, H, V]; initial_state: [B, H, K, V'] with V' = V + 1 when normalize
-    (last column = running key sum) else V' = V.
-    Returns o: [B, T, H, V] in v.dtype, and the final state [B, H, K, V'] (or None).
+    q: [B, T, H, K]; k: [B, T, H_kv, K]; v: [B, T, H_kv, V] (H_kv divides H; query head h reads key/value
+    head h // (H / H_kv)); initial_state: [B, H_kv, K, V'] with V' = V + 1 when normalize (last column =
+    running key sum) else V' = V.
+    Returns o: [B, T, H, V] in v.dtype, and the final state [B, H_kv, K, V'] (or None).
     Math runs in float64 for float64 inputs, else float32.
     """
     B, T, H, K = q.shape
-    V = v.shape[-1]
+    Hk, V = k.shape[2], v.shape[-1]
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = K**-0.5 if scale is None else scale
     q, k, v_aug = q.to(dtype) * scale, k.to(dtype), v.to(dtype)
     if normalize:
-        v_aug = torch.cat([v_aug, v_aug.new_ones(B, T, H, 1)], dim=-1)
-    S = q.new_zeros(B, H, K, v_aug.shape[-1]) if initial_state is None else initial_state.to(dtype)
+        v_aug = torch.cat([v_aug, v_aug.new_ones(B, T, Hk, 1)], dim=-1)
+    S = q.new_zeros(B, Hk, K, v_aug.shape[-1]) if initial_state is None else initial_state.to(dtype)
     outs = []
     for t in range(T):
         S = S + k[:, t, :, :, None] * v_aug[:, t, :, None, :]
-        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+        grouped = q[:, t].reshape(B, Hk, H // Hk, K)  # the query heads that share each key/value head
+        outs.append(torch.einsum("bngk,bnkv->bngv", grouped, S).reshape(B, H, -1))
     o = torch.stack(outs, dim=1) if outs else q.new_zeros(B, 0, H, v_aug.shape[-1])
     if normalize:
         o = o[..., :V] / (o[..., V:] + eps)
