@@ -294,4 +294,7 @@ def print_row(r: dict, header: bool) -> None:
 
 
 if __name__ == "__main__":
+    from linearize.host import keep_freed_memory
+
+    keep_freed_memory()  # as the `linearize` command does
     main()

@@ -620,4 +620,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from linearize.host import keep_freed_memory
+
+    keep_freed_memory()  # as the `linearize` command does
     main()

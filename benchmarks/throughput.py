@@ -31,6 +31,7 @@ import torch
 
 from linearize.config import load_recipe
 from linearize.convert.teachers import load_teacher
+from linearize.host import keep_freed_memory
 from linearize.pipeline import convert
 
 STAGES = ("attention", "logits")
@@ -105,6 +106,9 @@ def stage_rates(recipe_name: str, overrides: dict[str, str], steps: int, skip: i
 
 
 def main(argv: list[str] | None = None) -> None:
+    malloc = (
+        keep_freed_memory()
+    )  # as the `linearize` command does (LINEARIZE_SYSTEM_MALLOC=1: glibc's defaults)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True, help="teacher folder (or bundled:stories260K)")
     p.add_argument("--recipe", default="smollm2-135m-to-linear")
@@ -164,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             "flops_per_token": flops,
             "bound_tok_s": bound,
             "threads": torch.get_num_threads(),
+            "malloc_keeps_freed_memory": malloc,
             "machine": platform.processor() or platform.machine(),
             "torch": torch.__version__,
             "commit": commit.strip(),

@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     command, *rest = argv
     if command not in COMMANDS:
         raise SystemExit(f"error: unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+    from linearize.host import keep_freed_memory
+
+    keep_freed_memory()  # before any tensor: freed activations are reused instead of page-faulted afresh
     from linearize.config import RecipeError
     from linearize.convert.teachers import TeacherError
     from linearize.data import DataError
