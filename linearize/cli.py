@@ -11,6 +11,8 @@ commands:
   distill     run one stage: linearize distill recipe=... stage=attention|logits [accelerate_config=NAME|path]
               (stage=logits also exports and evaluates); under `accelerate launch -m linearize distill ...`
               the same command runs on many processes and nodes
+  generate    have the teacher write the recipe's teacher:<tokens> text ahead (convert does it too, on one
+              process): linearize generate recipe=... [data.train=[teacher:1M]] [data.sampling.temperature=0.8]
   accelerate-config NAME
               print the path of a shipped accelerate config (ddp, fsdp2, zero2, zero3, multinode-fsdp2)
   recipes     list the shipped recipes
@@ -91,6 +93,21 @@ def cmd_distill(pairs: dict[str, str]) -> None:
     convert(recipe, only=stage)
 
 
+def cmd_generate(pairs: dict[str, str]) -> None:
+    from linearize import teacher_text
+    from linearize.config import load_recipe
+    from linearize.convert.teachers import load_teacher
+
+    recipe = load_recipe(pairs.pop("recipe", None), pairs)
+    if not teacher_text.needs_teacher_text(recipe.data):
+        raise SystemExit("error: the recipe's data.train and data.heldout name no teacher:<tokens> text")
+    teacher, tokenizer = load_teacher(recipe.teacher.path, recipe.teacher.dtype)  # as convert loads it
+    data = teacher_text.resolve(recipe.data, recipe.teacher.path, recipe.teacher.dtype, teacher, tokenizer)
+    for split, files in (("train", data.train), ("heldout", data.heldout)):
+        if files:
+            print(f"{split}: {', '.join(files)}")
+
+
 def cmd_accelerate_config(pairs: dict[str, str]) -> None:
     from linearize.config import accelerate_config_path
 
@@ -135,6 +152,7 @@ COMMANDS = {
     "publish": cmd_publish,
     "distill": cmd_distill,
     "accelerate-config": cmd_accelerate_config,
+    "generate": cmd_generate,
 }
 
 

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import hashlib
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -236,13 +237,90 @@ class StudentConfig:
             ) from None
 
 
+TEACHER_TEXT_PREFIX = "teacher:"
+TOKEN_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
+
+
+def parse_token_count(text: str) -> int:
+    """`500k`, `2M`, `1.5M`, `20000` -> tokens (k = 1e3, M = 1e6, B = 1e9); a RecipeError for anything else."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMbBgG]?)", str(text).strip())
+    if not match or float(match.group(1)) <= 0:
+        raise RecipeError(f"{text!r} is not a token count; use e.g. 500k, 2M (k = 1e3, M = 1e6, B = 1e9)")
+    return int(round(float(match.group(1)) * TOKEN_UNITS[match.group(2).lower()]))
+
+
+def teacher_text_tokens(source: str) -> int | None:
+    """The token count of a `teacher:<tokens>` data source (text the teacher writes), None for any other."""
+    if not source.startswith(TEACHER_TEXT_PREFIX):
+        return None
+    return parse_token_count(source[len(TEACHER_TEXT_PREFIX) :])
+
+
+@dataclass(kw_only=True)
+class SamplingConfig:
+    """How the teacher writes its own text for `teacher:<tokens>` sources (`linearize.teacher_text`)."""
+
+    prompts: list[str] = field(default_factory=lambda: ["bundled:tinystories_docs.txt"])
+    """Documents whose openings seed the samples (the first `prompt_words` words of each)."""
+    prompt_words: int = 12
+    """Words of a document's opening given to the teacher."""
+    heldout_prompts: int = 16
+    """The last N openings seed only held-out text (`data.heldout: [teacher:...]`), never training text."""
+    instructions: list[str] = field(
+        default_factory=lambda: [
+            "Write a short story that begins with: {opening}",
+            "Continue this story in a few paragraphs: {opening}",
+            "Tell a story for children that starts like this: {opening}",
+            "Write a story with a surprising ending. It begins: {opening}",
+        ]
+    )
+    """With the chat template: the user turns, cycled over samples; `{opening}` is the document's opening."""
+    chat: str = "auto"
+    """auto: wrap each instruction in the teacher's chat template when its tokenizer has one; always; never
+    (the opening alone is the prefix the teacher continues)."""
+    temperature: float = 0.8
+    """Sampling temperature (the logits are divided by it)."""
+    top_p: float = 0.95
+    """Nucleus sampling: each token is drawn from the likeliest tokens holding this much probability."""
+    max_new_tokens: int = 400
+    """Tokens sampled per document at most (a sample ends earlier at the end-of-turn token)."""
+    batch_size: int = 64
+    """Samples generated together, one part file each (larger batches use a CPU better: 96 on SmolLM2)."""
+    seed: int = 0
+    """Seeds the order of the openings and each part's sampling (part k: seed * 1000003 + k)."""
+    cache_dir: str = "~/.cache/linearize/teacher-text"
+    """Where generated text is kept, one folder per (teacher, sampling settings, split), shared by recipes."""
+
+    def __post_init__(self) -> None:
+        _check_choice("data.sampling.chat", self.chat, ["auto", "always", "never"])
+        if not self.prompts:
+            raise RecipeError(
+                "data.sampling.prompts is empty: give the documents whose openings seed samples"
+            )
+        for name in ("prompt_words", "max_new_tokens", "batch_size", "heldout_prompts"):
+            if int(getattr(self, name)) < 1:
+                raise RecipeError(f"data.sampling.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.top_p <= 1 or self.temperature <= 0:
+            raise RecipeError(
+                f"data.sampling needs temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}"
+            )
+        if not self.instructions or any("{opening}" not in i for i in self.instructions):
+            raise RecipeError("data.sampling.instructions must be non-empty and each hold `{opening}`")
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     train: list[str] = field(default_factory=lambda: ["bundled:tinystories_docs.txt"])
-    """Training text: local .txt/.jsonl/.json/.parquet files, a Hub dataset name (`hub:NAME`), or
-    `bundled:tinystories_docs.txt`."""
+    """Training text: local .txt/.jsonl/.json/.parquet files, a Hub dataset name (`hub:NAME`),
+    `bundled:tinystories_docs.txt`, or `teacher:<tokens>` (e.g. `teacher:1M`: text the teacher writes itself,
+    as `data.sampling` says, generated once and kept; `linearize generate` writes it ahead)."""
     heldout: list[str] = field(default_factory=list)
-    """Held-out text for evaluation; empty means the last `heldout_docs` documents of `train`."""
+    """Held-out text for evaluation; empty means the last `heldout_docs` documents of `train`.
+    `teacher:<tokens>` here is written from the held-out openings only."""
+    max_epochs: float = 4.0
+    """A stage that would read the training text more times than this is refused before it starts."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """How the teacher writes `teacher:<tokens>` text."""
     heldout_docs: int = 49
     """When `heldout` is empty: how many of the last training documents are held out."""
     text_field: str = "text"
@@ -266,6 +344,17 @@ class DataConfig:
             raise RecipeError(f"data.seq_len must be >= 2, got {self.seq_len}")
         if self.heldout_docs < 0:
             raise RecipeError(f"data.heldout_docs must be >= 0, got {self.heldout_docs}")
+        if self.max_epochs <= 0:
+            raise RecipeError(f"data.max_epochs must be > 0, got {self.max_epochs}")
+        for source in [*self.train, *self.heldout]:
+            try:
+                teacher_text_tokens(source)
+            except RecipeError as err:
+                raise RecipeError(f"data source {source!r}: {err}") from None
+        if self.streaming and any(teacher_text_tokens(s) for s in self.train):
+            raise RecipeError(
+                "data.streaming reads files or Hub datasets; teacher:<tokens> text is read whole"
+            )
         if self.streaming and not self.heldout and self.heldout_docs:
             raise RecipeError(
                 "data.streaming reads the training text once, in order, so it cannot hold documents out of it: "

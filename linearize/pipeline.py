@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from linearize import checkpoint
+from linearize import checkpoint, host, teacher_text
 from linearize.architectures.mixers import keep_softmax
 from linearize.config import Recipe, RecipeError, load_recipe
 from linearize.convert.export import export, hardware
@@ -215,18 +215,27 @@ def load(recipe: Recipe, placement: Placement, only: str | None) -> Run:
 
     set_seed(recipe.seed)
     check_run_dir(recipe)
+    note = host.slow_bf16_note(placement.device.type, recipe.teacher.dtype, recipe.train.precision)
+    if note:
+        placement.print(note)
     teacher, tokenizer = placement.load_teacher(load_teacher, recipe.teacher.path, recipe.teacher.dtype)
     plan = plan_for(recipe.student, teacher.config)
     # The memory estimate of every stage about to run, refused here when one would not fit the device.
     todo = [s for s in STAGES if recipe.stage_steps(s) and only in (None, s)]
     todo = [s for s in todo if not checkpoint.is_complete(recipe.run_dir / s / "final")]
     preflight(recipe, teacher.config, todo, placement.accelerator)
-    splits = build_splits(recipe.data, tokenizer)
-    run_dir = claim_run_dir(recipe, placement.is_main)
+    # teacher:<tokens> text is written by this (one-process) teacher before anything reads it
+    writer = teacher if placement.num_processes == 1 else None
+    data = teacher_text.resolve(
+        recipe.data, recipe.teacher.path, recipe.teacher.dtype, writer, tokenizer, placement.print
+    )
+    splits = build_splits(data, tokenizer)
     placement.print(
         f"data: {'a stream of' if splits.streaming else splits.train.shape[0]} training blocks of "
         f"{splits.train.shape[1]} tokens, {len(splits.heldout)} held-out documents"
     )
+    check_epochs(recipe, splits, todo, placement)
+    run_dir = claim_run_dir(recipe, placement.is_main)
     return Run(
         recipe=recipe,
         placement=placement,
@@ -240,6 +249,26 @@ def load(recipe: Recipe, placement: Placement, only: str | None) -> Run:
         prompt=sample_prompt(splits),
         teacher=teacher,
     )
+
+
+def check_epochs(recipe: Recipe, splits: Splits, stages: list[str], placement: Placement) -> None:
+    """Say how many times each stage about to run reads the training text, and refuse one that would read it
+    more than `data.max_epochs` times (a stream is read once, in order: nothing to count)."""
+    if splits.streaming:
+        return
+    have = splits.train.numel()
+    for stage in stages:
+        tokens = recipe.stage_tokens(stage, placement.num_processes)
+        epochs = tokens / have
+        placement.print(f"[{stage}] {tokens:,} tokens = {epochs:.2f} passes over {have:,} training tokens")
+        if epochs > recipe.data.max_epochs:
+            need = -(-tokens // int(recipe.data.max_epochs * 1000)) * 1000
+            raise RecipeError(
+                f"stage {stage} would read the training text {epochs:.1f} times ({tokens:,} tokens over "
+                f"{have:,}), more than data.max_epochs={recipe.data.max_epochs:g}: that measures memorisation, "
+                f"not conversion. Give it more text (data.train=[teacher:{need:,}] has the teacher write "
+                "its own, or more files), fewer steps, or raise data.max_epochs"
+            )
 
 
 def build_student(run: Run) -> None:

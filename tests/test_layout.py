@@ -21,7 +21,7 @@ LAYERS = [
     ["linearize.kernels"],
     ["linearize.architectures"],
     ["linearize.distributed"],
-    ["linearize.data"],
+    ["linearize.data", "linearize.teacher_text"],
     ["linearize.convert"],
     ["linearize.distill"],
     ["linearize.evals"],
