@@ -6,13 +6,20 @@ each distinct stage-2 setting that trains on the text (cross-entropy > 0), the f
 (`student.mixer=softmax`: the teacher itself, same data, same stage-2 tokens, same LoRA/full setting). A
 stage 2 on KL alone cannot move a softmax student away from its teacher (the KL to itself has no
 gradient), so for those recipes the fine-tuned teacher is the teacher. Then `linearize eval` scores every
-export next to the teacher: held-out perplexity on unseen TinyStories (the run's held-out documents) and on
-the Wizard of Oz, recall (MQAR, passkey), the controls (the zero-training sliding-window teacher; branch
-controls for hybrid mixers) and long-context perplexity at 2k/4k/8k tokens (capped at the teacher's
-context). A rerun resumes: `convert` resumes from its checkpoints, and finished runs and evaluations are
-skipped. Writes `<out>/quality.md`, `<out>/quality.json` and `<out>/quality_vs_tokens.png`. See README.md.
+export next to the teacher: perplexity on the run's held-out text (the recipe's `data.heldout`, e.g.
+teacher-written text from openings never trained on, or its held-out documents), on unseen TinyStories
+(when the run does not train on them) and on the Wizard of Oz, recall (MQAR, passkey), the controls (the
+zero-training sliding-window teacher; branch controls for hybrid mixers) and long-context perplexity at
+2k/4k/8k tokens (capped at the teacher's context).
 
-    python benchmarks/quality.py --teacher ~/.cache/linearize-assets/smollm2-135m-instruct --budgets 2M,50M
+Each (recipe, budget) is a unit: once its conversion and evaluations are done, its result is written as
+`<results>/units/<recipe>@<budget>.json` (and committed with `--git-commit`), so the table grows over many
+sessions; a rerun resumes (`convert` resumes from its checkpoints; finished runs, evaluations and units are
+skipped). `<results>/quality.md`, `quality.json` and `quality_vs_tokens.png` are rebuilt from every unit in
+`<results>/units`, whichever session wrote it. See README.md.
+
+    python benchmarks/quality.py --teacher ~/.cache/linearize-assets/smollm2-135m-instruct \\
+        --budgets 150k,500k --train teacher:300k --results benchmarks/results/smollm2-cpu --git-commit
     python benchmarks/quality.py --teacher bundled:stories260K --recipes tiny,tiny-lolcats \\
         --budgets 20k,40k --out /tmp/quality-smoke --eval-quick
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import re
 import shlex
 import subprocess
@@ -29,13 +37,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from linearize.host import cpu_multiplies_bf16
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPES = (
     "smollm2-135m-to-linear,smollm2-135m-to-hybrid,smollm2-135m-lolcats,smollm2-135m-liger,"
     "smollm2-135m-radlads,smollm2-135m-gsa-t2r"
 )
 WIZARD = REPO.parent / "shared" / "assets" / "corpora" / "wizard_of_oz.txt"
+TINYSTORIES = "bundled:tinystories_docs.txt"
 LONG_CONTEXTS = (2048, 4096, 8192)
+LONG_TEXT_TOKENS = 32768
+"""Tokens of the Wizard of Oz scored at each length (its first 32k: 64 windows of 512, 16 of 2k, 8 of 4k, 4 of
+8k): one CPU evaluation of three models stays within minutes."""
 UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 STAGES = ("attention", "logits")
 # --eval-quick: a smoke-sized evaluation (a few samples per cell, a few perplexity windows)
@@ -126,11 +140,12 @@ def control_overrides(recipe) -> dict[str, str] | None:
     }
 
 
-def data_overrides(train: list[Path]) -> dict[str, str]:
+def data_overrides(train: list[Path | str]) -> dict[str, str]:
+    """`data.train` (and the separator its text files need) for --train: files and `teacher:<tokens>`."""
     if not train:
         return {}
     overrides = {"data.train": json.dumps([str(p) for p in train])}
-    texts = [p for p in train if p.suffix == ".txt"]
+    texts = [p for p in train if isinstance(p, Path) and p.suffix == ".txt"]
     if texts and not any(
         any(line.strip() == DOC_SEPARATOR for line in p.open(errors="replace")) for p in texts
     ):
@@ -140,6 +155,11 @@ def data_overrides(train: list[Path]) -> dict[str, str]:
     return overrides
 
 
+def common_overrides(args) -> dict[str, str]:
+    """What every run of the benchmark shares: where teacher-written text is kept, and --set pairs."""
+    return {"data.sampling.cache_dir": str(args.text_dir), **args.sets}
+
+
 def plan_runs(args) -> tuple[list[Run], dict[tuple[str, int], Run | None]]:
     """Every convert run, students first; and for each (recipe, budget) its control run (None: the teacher)."""
     from linearize.config import load_recipe
@@ -147,7 +167,7 @@ def plan_runs(args) -> tuple[list[Run], dict[tuple[str, int], Run | None]]:
     runs: list[Run] = []
     controls: dict[tuple[str, int], Run | None] = {}
     by_key: dict[str, Run] = {}
-    data = data_overrides(args.train)
+    data = {**data_overrides(args.train), **common_overrides(args)}
     for name in args.recipes:
         recipe = load_recipe(name, data)
         for budget in args.budgets:
@@ -209,23 +229,37 @@ def convert_command(args, run: Run) -> list[str]:
     return [sys.executable, "-m", "linearize", "convert", *(f"{k}={v}" for k, v in pairs.items())]
 
 
-def eval_commands(args, run: Run, seq_len: int, context: int | None) -> dict[str, list[str]]:
-    """eval name -> `linearize eval` command; each writes results.json into run.evals[name]."""
+def eval_commands(
+    args, run: Run, seq_len: int, context: int | None, train: list[str]
+) -> dict[str, list[str]]:
+    """eval name -> `linearize eval` command; each writes results.json into run.evals[name]. `train`: the
+    run's training sources (unseen TinyStories is scored only when they are not among them)."""
     common = {"model": str(run.final), "teacher": args.teacher, "ppl_mode": "window"}
     if args.eval_quick:
         common |= QUICK
     evals: dict[str, dict[str, str]] = {
-        "tinystories": {
+        "heldout": {  # the export's own held-out text (the recipe's data.heldout or held-out documents)
             "tasks": "ppl,recall" if run.control else "ppl,recall,controls",
             "ppl_seq_len": str(seq_len),
         }
     }
+    if TINYSTORIES not in train:
+        evals["tinystories"] = {
+            "tasks": "ppl",
+            "ppl_data": json.dumps([TINYSTORIES]),
+            "ppl_seq_len": str(seq_len),
+        }
     long_text = {}
+    # a student is scored next to the zero-training sliding-window teacher on every text but its own held-out
+    # one (where the controls task scores it, with recall)
+    window = {} if run.control else {"ppl_window": "true"}
     if args.wizard:
         evals["wizard"] = {
             "tasks": "ppl",
             "ppl_data": json.dumps([str(args.wizard)]),
             "ppl_seq_len": str(seq_len),
+            "ppl_max_blocks": str(max(1, LONG_TEXT_TOKENS // seq_len)),
+            **window,
         }
         long_text = {"ppl_data": evals["wizard"]["ppl_data"]}
     for n in long_lengths(context, args.eval_quick):
@@ -234,7 +268,8 @@ def eval_commands(args, run: Run, seq_len: int, context: int | None) -> dict[str
             **long_text,
             "ppl_seq_len": str(n),
             "batch_size": str(max(1, 8 * seq_len // n)),
-            **({"ppl_max_blocks": "4"} if args.eval_quick else {}),
+            "ppl_max_blocks": "4" if args.eval_quick else str(max(1, LONG_TEXT_TOKENS // n)),
+            **window,
         }
     commands = {}
     for name, pairs in evals.items():
@@ -249,7 +284,9 @@ def shown(command: list[str]) -> str:
     return shlex.join(["linearize", *command[3:]])
 
 
-def execute(command: list[str], log: Path, what: str) -> None:
+def execute(command: list[str], log: Path, what: str) -> float:
+    """Run `command` with its output in `log`; its wall time in seconds (SystemExit with the log's tail if
+    it fails)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"[quality] {what}: {shown(command)}", flush=True)
     began = time.perf_counter()
@@ -258,7 +295,20 @@ def execute(command: list[str], log: Path, what: str) -> None:
     if done.returncode:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:])
         raise SystemExit(f"[quality] {what} failed (exit {done.returncode}); last lines of {log}:\n{tail}")
-    print(f"[quality] {what} done in {time.perf_counter() - began:.0f}s (log: {log})", flush=True)
+    elapsed = time.perf_counter() - began
+    print(f"[quality] {what} done in {elapsed:.0f}s (log: {log})", flush=True)
+    return elapsed
+
+
+def timings(run: Run) -> dict:
+    """Wall times of a run's steps so far, kept in its folder (a resumed unit keeps those of earlier sessions)."""
+    path = run.run_dir / "quality-seconds.json"
+    return json.loads(path.read_text()) if path.is_file() else {"convert": 0.0, "evals": {}}
+
+
+def save_timings(run: Run, seconds: dict) -> None:
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / "quality-seconds.json").write_text(json.dumps(seconds))
 
 
 def read_eval(folder: Path) -> dict:
@@ -270,15 +320,19 @@ def metrics(run: Run) -> dict:
     student, teacher, window, verdicts = {}, {}, {}, {}
     for name, folder in run.evals.items():
         tasks = read_eval(folder)
-        key = name if name in ("tinystories", "wizard") else None
+        key = name if name in ("heldout", "tinystories", "wizard") else None
         ppl = tasks["ppl"]
         if key:
             student[f"ppl_{key}"], teacher[f"ppl_{key}"] = ppl["student"]["ppl"], ppl["teacher"]["ppl"]
+            if "sliding_window" in ppl:
+                window[f"ppl_{key}"] = ppl["sliding_window"]["ppl"]
         else:
             n = int(name.split("_")[1])
             student.setdefault("ppl_long", {})[n] = ppl["student"]["ppl"]
             teacher.setdefault("ppl_long", {})[n] = ppl["teacher"]["ppl"]
             student.setdefault("long_text", {})[n] = ppl["meta"]["source"]
+            if "sliding_window" in ppl:
+                window.setdefault("ppl_long", {})[n] = ppl["sliding_window"]["ppl"]
         if "recall" in tasks:
             for task in ("mqar", "passkey"):
                 student[task] = tasks["recall"][task]["student"]["mean"]
@@ -286,8 +340,8 @@ def metrics(run: Run) -> dict:
         controls = tasks.get("controls", {})
         if "window" in controls:
             w = controls["window"]
-            window = {
-                "ppl_tinystories": w["ppl"]["sliding_window"]["ppl"],
+            window |= {
+                "ppl_heldout": w["ppl"]["sliding_window"]["ppl"],
                 "mqar": w["recall"]["mqar"]["sliding_window"]["mean"],
                 "passkey": w["recall"]["passkey"]["sliding_window"]["mean"],
                 "window": w["window"],
@@ -304,79 +358,160 @@ def ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def collect(args, runs: list[Run], controls: dict) -> dict:
+TEXTS = (("heldout", "held-out"), ("tinystories", "TinyStories"), ("wizard", "Wizard of Oz"))
+
+
+def unit_name(recipe: str, budget: int, control: bool = False) -> str:
+    return f"{'finetuned-teacher--' if control else ''}{recipe}@{budget_label(budget)}"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo) or, elsewhere, what platform knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def write_unit(args, run: Run, control: Run | None, seconds: dict, commands: list[str]) -> Path:
+    """The result of one (recipe, budget), or of one fine-tuned-teacher control: metrics, wall time, the
+    commands and where they ran; committed with --git-commit."""
+    from linearize.config import load_recipe
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    recipe = load_recipe(run.recipe, run.overrides)
+    unit = {
+        "unit": unit_name(run.recipe, run.budget, run.control),
+        "recipe": run.recipe,
+        "budget": run.budget,
+        "control": run.control,
+        "tokens": {**run.tokens, "total": sum(run.tokens.values())},
+        "train": recipe.data.train,
+        "finetuned_teacher": None
+        if run.control
+        else (unit_name(control.recipe, control.budget, True) if control else "teacher"),
+        "metrics": metrics(run),
+        "seconds": seconds,
+        "commands": commands,
+        "machine": {
+            "cpu": cpu_name(),
+            "bf16_instructions": cpu_multiplies_bf16(),
+            "threads": __import__("torch").get_num_threads(),
+            "commit": commit.stdout.strip(),
+        },
+        "settings": {"teacher": args.teacher, "eval_quick": args.eval_quick, "set": args.sets},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    path = args.results / "units" / f"{unit['unit']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(unit, indent=1))
+    if args.git_commit:
+        subprocess.run(["git", "add", str(path)], cwd=REPO, check=True)
+        subprocess.run(
+            ["git", "commit", "-q", "-m", f"quality unit {unit['unit']}: {args.teacher}", "--", str(path)],
+            cwd=REPO,
+            check=True,
+        )
+    print(f"[quality] unit {unit['unit']} written to {path}", flush=True)
+    return path
+
+
+def load_units(results: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((results / "units").glob("*.json"))}
+
+
+def collect(units: dict[str, dict]) -> dict:
+    """The table's rows from every student unit, each next to its teacher, its fine-tuned teacher (its
+    control's unit, or the teacher) and the zero-training sliding window."""
     rows = []
     teacher: dict = {}
     window: dict = {}
-    for run in runs:
-        if run.control:
+    settings: dict = {}
+    for unit in units.values():
+        if unit["control"]:
             continue
-        m = metrics(run)
+        m = unit["metrics"]
         teacher = teacher or m["teacher"]
         window = window or m["sliding_window"]
-        ctrl = controls[(run.recipe, run.budget)]
-        ctrl_metrics = metrics(ctrl)["student"] if ctrl is not None else m["teacher"]
-        s = m["student"]
+        settings = settings or unit["settings"]
+        ctrl = units.get(unit["finetuned_teacher"]) if unit["finetuned_teacher"] != "teacher" else None
+        if unit["finetuned_teacher"] != "teacher" and ctrl is None:
+            print(f"[quality] {unit['unit']}: its control {unit['finetuned_teacher']} is not done yet")
+        ctrl_metrics = ctrl["metrics"]["student"] if ctrl else m["teacher"]
+        s, t = m["student"], m["teacher"]
+        texts = [key for key, _ in TEXTS]
         rows.append(
             {
-                "recipe": run.recipe,
-                "budget": run.budget,
-                "tokens": {**run.tokens, "total": sum(run.tokens.values())},
-                "run_dir": str(run.run_dir),
+                "recipe": unit["recipe"],
+                "budget": unit["budget"],
+                "tokens": unit["tokens"],
+                "train": unit["train"],
+                "seconds": unit["seconds"],
                 "student": s,
                 "finetuned_teacher": {
-                    "run_dir": str(ctrl.run_dir) if ctrl else None,
-                    "is_teacher": ctrl is None,
-                    "tokens": ctrl.tokens["logits"] if ctrl else 0,
-                    **{k: ctrl_metrics.get(k) for k in ("ppl_tinystories", "ppl_wizard", "mqar", "passkey")},
+                    "unit": unit["finetuned_teacher"],
+                    "is_teacher": unit["finetuned_teacher"] == "teacher",
+                    "done": ctrl is not None or unit["finetuned_teacher"] == "teacher",
+                    **{f"ppl_{k}": ctrl_metrics.get(f"ppl_{k}") for k in texts},
+                    **{k: ctrl_metrics.get(k) for k in ("mqar", "passkey")},
                 },
                 "x_teacher": {
-                    "tinystories": ratio(s.get("ppl_tinystories"), m["teacher"].get("ppl_tinystories")),
-                    "wizard": ratio(s.get("ppl_wizard"), m["teacher"].get("ppl_wizard")),
-                    "long": {
-                        n: ratio(v, m["teacher"]["ppl_long"][n]) for n, v in s.get("ppl_long", {}).items()
-                    },
+                    **{k: ratio(s.get(f"ppl_{k}"), t.get(f"ppl_{k}")) for k in texts},
+                    "long": {n: ratio(v, t["ppl_long"][n]) for n, v in s.get("ppl_long", {}).items()},
                 },
                 "x_finetuned_teacher": {
-                    "tinystories": ratio(s.get("ppl_tinystories"), ctrl_metrics.get("ppl_tinystories")),
-                    "wizard": ratio(s.get("ppl_wizard"), ctrl_metrics.get("ppl_wizard")),
+                    k: ratio(s.get(f"ppl_{k}"), ctrl_metrics.get(f"ppl_{k}"))
+                    if (ctrl or not unit["control"])
+                    else None
+                    for k in texts
                 },
-                "x_sliding_window": ratio(
-                    s.get("ppl_tinystories"), m["sliding_window"].get("ppl_tinystories")
-                ),
+                "x_sliding_window": {
+                    **{k: ratio(s.get(f"ppl_{k}"), m["sliding_window"].get(f"ppl_{k}")) for k in texts},
+                    "long": {
+                        n: ratio(v, long_value(m["sliding_window"].get("ppl_long", {}), n))
+                        for n, v in s.get("ppl_long", {}).items()
+                    },
+                },
                 "verdicts": m["verdicts"],
             }
         )
     verdicts = {}
-    for budget in args.budgets:
+    for budget in sorted({r["budget"] for r in rows}):
         here = [r for r in rows if r["budget"] == budget]
-        best = min(here, key=lambda r: r["student"]["ppl_tinystories"])
+        best = min(here, key=lambda r: r["student"]["ppl_heldout"])
         losers = [r for r in here if not r["verdicts"].get("beats_window", {}).get("ppl", False)]
+        long_losers = [
+            (r, n, x)
+            for r in here
+            for n, x in sorted(r["x_sliding_window"]["long"].items(), key=lambda i: int(i[0]))
+            if x is not None and x >= 1
+        ]
         line = (
-            f"{budget_label(budget)} tokens: best is {best['recipe']} (held-out TinyStories ppl "
-            f"{best['student']['ppl_tinystories']:.3f}, {best['x_teacher']['tinystories']:.2f}x the teacher); "
+            f"{budget_label(budget)} tokens: best is {best['recipe']} (held-out ppl "
+            f"{best['student']['ppl_heldout']:.3f}, {best['x_teacher']['heldout']:.2f}x the teacher); "
         )
         if losers:
             line += "NOT every student beats the sliding-window baseline on perplexity: " + ", ".join(
-                f"{r['recipe']} ({r['student']['ppl_tinystories']:.3f} vs {window['ppl_tinystories']:.3f})"
+                f"{r['recipe']} ({r['student']['ppl_heldout']:.3f} vs {window['ppl_heldout']:.3f})"
                 for r in losers
             )
         else:
             line += (
-                f"every student beats the sliding-window baseline (ppl {window.get('ppl_tinystories', 0):.3f}) "
-                "on perplexity"
+                f"every student beats the sliding-window baseline (ppl {window.get('ppl_heldout', 0):.3f}) "
+                "on held-out perplexity"
+            )
+        if any(r["x_sliding_window"]["long"] for r in here):
+            line += (
+                "; past the training length, NOT every student beats it: "
+                + ", ".join(f"{r['recipe']} at {n} tokens ({x:.2f}x)" for r, n, x in long_losers)
+                if long_losers
+                else "; every student beats it at every longer context scored"
             )
         verdicts[budget_label(budget)] = line
     return {
-        "settings": {
-            "teacher": args.teacher,
-            "recipes": args.recipes,
-            "budgets": args.budgets,
-            "train": [str(p) for p in args.train] or "each recipe's data.train",
-            "wizard": str(args.wizard) if args.wizard else None,
-            "eval_quick": args.eval_quick,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        },
+        "settings": settings,
         "teacher": teacher,
         "sliding_window": window,
         "runs": rows,
@@ -384,50 +519,81 @@ def collect(args, runs: list[Run], controls: dict) -> dict:
     }
 
 
+def long_value(values: dict, n: int):
+    """A long-context entry, keyed by int in memory and by str once read back from JSON."""
+    return values.get(str(n), values.get(n))
+
+
 def fmt(x, spec=".3f"):
     return "–" if x is None else format(x, spec)
 
 
-def write_markdown(result: dict, path: Path) -> None:
+def write_markdown(result: dict, path: Path, units: dict[str, dict]) -> None:
     t, w = result["teacher"], result["sliding_window"]
-    longs = sorted({n for r in result["runs"] for n in r["student"].get("ppl_long", {})})
+    longs = sorted({int(n) for r in result["runs"] for n in r["student"].get("ppl_long", {})})
+    texts = [(k, label) for k, label in TEXTS if any(r["student"].get(f"ppl_{k}") for r in result["runs"])]
     lines = [
         "# Conversion quality at equal distillation tokens",
         "",
-        f"Teacher `{result['settings']['teacher']}`. Perplexity on held-out TinyStories (documents held out of "
-        "training) and on the Wizard of Oz (never trained on); ratios are student / reference (lower is better). "
-        "The fine-tuned teacher keeps softmax and trains stage 2 exactly as the recipe does (same data and "
-        "tokens, plotted at its student's total); for a stage 2 on KL alone it is the teacher itself. "
+        f"Teacher `{result['settings'].get('teacher')}`. Perplexity on each run's held-out text (its recipe's "
+        "`data.heldout`: teacher-written text from openings never trained on, for the SmolLM2 recipes), on "
+        "unseen TinyStories and on the Wizard of Oz (never trained on); ratios are student / reference (lower is "
+        "better). The fine-tuned teacher keeps softmax and trains stage 2 exactly as the recipe does (same data "
+        "and tokens); for a stage 2 on KL alone it is the teacher itself. "
         f"The sliding window is the teacher restricted to {w.get('window')} tokens + {w.get('sinks')} sinks, "
         "no training. MQAR and passkey: mean accuracy.",
         "",
-        f"Teacher: TinyStories ppl {fmt(t.get('ppl_tinystories'))}, Wizard of Oz ppl {fmt(t.get('ppl_wizard'))}, "
-        + ", ".join(f"{n} tokens {fmt(v)}" for n, v in sorted(t.get("ppl_long", {}).items()))
+        "Teacher: "
+        + ", ".join(f"{label} ppl {fmt(t.get(f'ppl_{k}'))}" for k, label in texts)
+        + "".join(f", {n} tokens {fmt(v)}" for n, v in sorted(t.get("ppl_long", {}).items()))
         + f"; MQAR {fmt(t.get('mqar'), '.2f')}, passkey {fmt(t.get('passkey'), '.2f')}.",
-        f"Sliding window: TinyStories ppl {fmt(w.get('ppl_tinystories'))}; MQAR {fmt(w.get('mqar'), '.2f')}, "
+        f"Sliding window: held-out ppl {fmt(w.get('ppl_heldout'))}"
+        + "".join(
+            f", {n} tokens {fmt(v)}"
+            for n, v in sorted(w.get("ppl_long", {}).items(), key=lambda i: int(i[0]))
+        )
+        + f"; MQAR {fmt(w.get('mqar'), '.2f')}, "
         f"passkey {fmt(w.get('passkey'), '.2f')}.",
         "",
-        "| recipe | tokens | TinyStories ppl | Wizard ppl | × teacher (TS / Wiz) | × fine-tuned teacher (TS / Wiz) "
-        "| × sliding window (TS) | "
-        + " | ".join(f"ppl {n} (× teacher)" for n in longs)
-        + (" | " if longs else "")
-        + "MQAR | passkey |",
-        "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(longs) + "---:|---:|",
+        "| recipe | tokens | "
+        + " | ".join(f"{label} ppl" for _, label in texts)
+        + " | × teacher ("
+        + " / ".join(label for _, label in texts)
+        + ") | × fine-tuned teacher ("
+        + " / ".join(label for _, label in texts)
+        + ") | × sliding window (held-out) | "
+        + "".join(f"× sliding window ({n}) | " for n in longs)
+        + "".join(f"ppl {n} (× teacher) | " for n in longs)
+        + "MQAR | passkey | wall time |",
+        "|---|---:|"
+        + "---:|" * len(texts)
+        + "---:|---:|---:|"
+        + "---:|" * 2 * len(longs)
+        + "---:|---:|---:|",
     ]
-    for r in sorted(result["runs"], key=lambda r: (r["budget"], r["student"]["ppl_tinystories"])):
+    for r in sorted(result["runs"], key=lambda r: (r["budget"], r["student"]["ppl_heldout"])):
         s, xt, xf = r["student"], r["x_teacher"], r["x_finetuned_teacher"]
-        ft = " (= teacher)" if r["finetuned_teacher"]["is_teacher"] else ""
+        ft = (
+            " (= teacher)"
+            if r["finetuned_teacher"]["is_teacher"]
+            else ("" if r["finetuned_teacher"]["done"] else " (pending)")
+        )
+        seconds = r["seconds"].get("convert", 0) + sum(r["seconds"].get("evals", {}).values())
         cells = [
             f"`{r['recipe']}`",
             f"{r['tokens']['total']:,}",
-            fmt(s.get("ppl_tinystories")),
-            fmt(s.get("ppl_wizard")),
-            f"{fmt(xt['tinystories'], '.2f')} / {fmt(xt['wizard'], '.2f')}",
-            f"{fmt(xf['tinystories'], '.2f')} / {fmt(xf['wizard'], '.2f')}{ft}",
-            fmt(r["x_sliding_window"], ".2f"),
-            *(f"{fmt(s['ppl_long'].get(n))} ({fmt(xt['long'].get(n), '.2f')})" for n in longs),
+            *(fmt(s.get(f"ppl_{k}")) for k, _ in texts),
+            " / ".join(fmt(xt.get(k), ".2f") for k, _ in texts),
+            " / ".join(fmt(xf.get(k), ".2f") for k, _ in texts) + ft,
+            fmt(r["x_sliding_window"]["heldout"], ".2f"),
+            *(fmt(long_value(r["x_sliding_window"]["long"], n), ".2f") for n in longs),
+            *(
+                f"{fmt(long_value(s['ppl_long'], n))} ({fmt(long_value(xt['long'], n), '.2f')})"
+                for n in longs
+            ),
             fmt(s.get("mqar"), ".2f"),
             fmt(s.get("passkey"), ".2f"),
+            f"{seconds / 60:.0f} min",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *(f"- {line}" for line in result["verdicts"].values())]
@@ -438,6 +604,24 @@ def write_markdown(result: dict, path: Path) -> None:
             "Hybrid branch controls:",
             *(f"- `{r['recipe']}` @ {budget_label(r['budget'])}: {r['verdicts']['branches']}" for r in notes),
         ]
+    machines: dict[str, list[str]] = {}
+    for name, unit in sorted(units.items()):
+        m = unit.get("machine", {})
+        bf16 = {True: ", bf16 instructions", False: ", no bf16 instructions"}.get(
+            m.get("bf16_instructions"), ""
+        )
+        extra = " ".join(f"--set {k}={v}" for k, v in unit.get("settings", {}).get("set", {}).items())
+        where = f"{m.get('cpu', '?')} ({m.get('threads', '?')} threads{bf16})" + (
+            f" with `{extra}`" if extra else ""
+        )
+        machines.setdefault(where, []).append(name)
+    lines += [
+        "",
+        f"Units: {len(units)} in `units/` (one JSON per recipe and budget, and per fine-tuned-teacher control); "
+        "each names its commit, date, wall time and commands. Rebuild this table with "
+        "`python benchmarks/quality.py --teacher <teacher> --results <this folder> --report-only`.",
+        *(f"- {len(names)} unit(s) on {where}" for where, names in machines.items()),
+    ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -448,9 +632,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    texts = [("tinystories", "held-out TinyStories")]
-    if result["teacher"].get("ppl_wizard") is not None:
-        texts.append(("wizard", "The Wonderful Wizard of Oz"))
+    texts = [(k, label) for k, label in TEXTS if result["teacher"].get(f"ppl_{k}") is not None]
     fig, axes = plt.subplots(1, len(texts), figsize=(6.5 * len(texts), 4.8), squeeze=False)
     recipes = list(dict.fromkeys(r["recipe"] for r in result["runs"]))
     for ax, (key, title) in zip(axes[0], texts):
@@ -460,11 +642,13 @@ def plot(result: dict, path: Path) -> None:
             )
             ax.plot(
                 [r["tokens"]["total"] for r in rows],
-                [r["student"][f"ppl_{key}"] for r in rows],
+                [r["student"].get(f"ppl_{key}") for r in rows],
                 "o-",
                 label=name,
             )
-            ft = [r for r in rows if not r["finetuned_teacher"]["is_teacher"]]
+            ft = [
+                r for r in rows if not r["finetuned_teacher"]["is_teacher"] and r["finetuned_teacher"]["done"]
+            ]
             if ft:
                 ax.plot(
                     [r["tokens"]["total"] for r in ft],
@@ -475,9 +659,9 @@ def plot(result: dict, path: Path) -> None:
                     label=f"fine-tuned teacher (stage 2 of {name})",
                 )
         ax.axhline(result["teacher"][f"ppl_{key}"], color="black", lw=1.2, label="teacher")
-        if key == "tinystories" and result["sliding_window"]:
+        if key == "heldout" and result["sliding_window"]:
             ax.axhline(
-                result["sliding_window"]["ppl_tinystories"],
+                result["sliding_window"]["ppl_heldout"],
                 color="gray",
                 ls=":",
                 lw=1.5,
@@ -493,7 +677,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"{title}: perplexity vs distillation tokens")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"teacher {result['settings']['teacher']}", fontsize=9)
+    fig.suptitle(f"teacher {result['settings'].get('teacher')}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -508,7 +692,21 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--budgets", default="2M,50M", help="total distillation tokens per run, e.g. 500k,2M,50M")
     p.add_argument("--out", default="out/quality", type=Path, help="output folder (runs, logs, report)")
     p.add_argument(
-        "--train", default="", help="comma-separated training files replacing the recipes' data.train"
+        "--train",
+        default="",
+        help="comma-separated training sources replacing the recipes' data.train: files, or teacher:<tokens> "
+        "(text the teacher writes, shared by every recipe)",
+    )
+    p.add_argument(
+        "--results", default=None, type=Path, help="where units and the report go (default: --out)"
+    )
+    p.add_argument(
+        "--git-commit", action="store_true", help="commit each unit's JSON as soon as it is written"
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild the report from the units in --results, run nothing",
     )
     p.add_argument(
         "--wizard", default=None, help=f"second held-out text (default {WIZARD}, skipped when absent)"
@@ -516,9 +714,26 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument(
         "--eval-quick", action="store_true", help="smoke-sized evaluation: few samples and windows"
     )
+    p.add_argument(
+        "--text-dir",
+        default=REPO / "benchmarks" / "teacher-text",
+        type=Path,
+        help="where teacher-written text (teacher:<tokens>) is kept: committed, so every session and recipe "
+        "trains and is scored on the same text",
+    )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override for every run, e.g. --set teacher.dtype=float32 --set train.precision=fp32 "
+        "on a CPU without bf16 instructions",
+    )
     p.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
     args = p.parse_args(argv)
     try:
+        args.sets = parse_sets(args.sets)
         shipped = shipped_recipes()
         args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
         unknown = [r for r in args.recipes if r not in shipped]
@@ -532,8 +747,14 @@ def parse_args(argv: list[str] | None = None):
         args.budgets = sorted({parse_budget(b) for b in args.budgets.split(",") if b.strip()})
         if not args.budgets:
             raise UsageError("--budgets is empty; e.g. --budgets 2M,50M")
-        args.train = [Path(t).expanduser() for t in args.train.split(",") if t.strip()]
-        missing = [str(t) for t in args.train if not t.is_file()]
+        from linearize.config import teacher_text_tokens
+
+        args.train = [
+            t.strip() if teacher_text_tokens(t.strip()) else Path(t.strip()).expanduser()
+            for t in args.train.split(",")
+            if t.strip()
+        ]
+        missing = [str(t) for t in args.train if isinstance(t, Path) and not t.is_file()]
         if missing:
             raise UsageError(f"--train file {missing[0]} does not exist")
         if args.wizard is not None:
@@ -555,21 +776,52 @@ def parse_args(argv: list[str] | None = None):
     except (UsageError, RecipeError) as err:
         p.error(str(err))
     args.out = args.out.expanduser()
+    args.results = (args.results or args.out).expanduser()
     return args
+
+
+def parse_sets(pairs: list[str]) -> dict[str, str]:
+    """--set KEY=VALUE words -> {KEY: VALUE}; a word without `=` or a key given twice is a UsageError."""
+    sets: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set takes KEY=VALUE (e.g. --set teacher.dtype=float32), got {pair!r}")
+        if key in sets:
+            raise UsageError(f"--set gives {key} twice")
+        sets[key] = value
+    return sets
 
 
 def check_recipe(name: str, args) -> None:
     """`name` resolves with the data, teacher and every budget asked (a RecipeError or UsageError if not)."""
     from linearize.config import load_recipe
 
-    recipe = load_recipe(name, {**data_overrides(args.train), "teacher.path": args.teacher})
+    common = {**data_overrides(args.train), **common_overrides(args)}
+    recipe = load_recipe(name, {**common, "teacher.path": args.teacher})
     for budget in args.budgets:
         overrides, _ = scaled_stages(recipe, budget)
-        load_recipe(name, {**data_overrides(args.train), **overrides})
+        load_recipe(name, {**common, **overrides})
+
+
+def report(args) -> None:
+    units = load_units(args.results)
+    if not any(not u["control"] for u in units.values()):
+        print(f"[quality] no student unit in {args.results / 'units'} yet: no report")
+        return
+    result = collect(units)
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "quality.json").write_text(json.dumps(result, indent=1))
+    write_markdown(result, args.results / "quality.md", units)
+    plot(result, args.results / "quality_vs_tokens.png")
+    print((args.results / "quality.md").read_text())
+    print(f"[quality] wrote {args.results / 'quality.md'}, quality.json, quality_vs_tokens.png")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.report_only:
+        return report(args)
     from linearize.checkpoint import is_complete
     from linearize.config import load_recipe
 
@@ -577,46 +829,49 @@ def main(argv: list[str] | None = None) -> None:
     context = teacher_context(args.teacher)
     logs = args.out / "logs"
     for run in runs:
-        seq_len = load_recipe(run.recipe, run.overrides).data.seq_len
+        unit_file = args.results / "units" / f"{unit_name(run.recipe, run.budget, run.control)}.json"
+        if unit_file.is_file() and not args.dry_run:
+            print(f"[quality] {run.name}: unit done ({unit_file})")
+            continue
+        recipe = load_recipe(run.recipe, run.overrides)
         label = run.name
         convert = convert_command(args, run)
+        commands = [shown(convert)]
+        seconds = timings(run)
         if args.dry_run:
             print(shown(convert))
         elif is_complete(run.final):
             print(f"[quality] {label}: already converted ({run.final})")
         else:
-            execute(
-                convert,
-                logs / f"{run.run_dir.relative_to(args.out).as_posix().replace('/', '_')}.convert.log",
-                f"convert {label}",
-            )
+            stem = run.run_dir.relative_to(args.out).as_posix().replace("/", "_")
+            seconds["convert"] += execute(convert, logs / f"{stem}.convert.log", f"convert {label}")
+            save_timings(run, seconds)
         if not args.dry_run:  # the export knows the context for sure
             context = (
                 json.loads((run.final / "config.json").read_text()).get("max_position_embeddings") or context
             )
-        for name, command in eval_commands(args, run, seq_len, context).items():
+        for name, command in eval_commands(
+            args, run, recipe.data.seq_len, context, recipe.data.train
+        ).items():
+            commands.append(shown(command))
             if args.dry_run:
                 print(shown(command))
             elif (run.evals[name] / "results.json").is_file():
                 print(f"[quality] {label}: eval {name} already done")
             else:
-                log = (
-                    logs / f"{run.run_dir.relative_to(args.out).as_posix().replace('/', '_')}.eval-{name}.log"
-                )
-                execute(command, log, f"eval {name} of {label}")
+                stem = run.run_dir.relative_to(args.out).as_posix().replace("/", "_")
+                log = logs / f"{stem}.eval-{name}.log"
+                seconds["evals"][name] = execute(command, log, f"eval {name} of {label}")
+                save_timings(run, seconds)
+        if not args.dry_run:
+            write_unit(args, run, controls.get((run.recipe, run.budget)), seconds, commands)
     if args.dry_run:
         if context is None:
             print(
                 f"# long-context lengths {list(LONG_CONTEXTS)} are capped at the teacher's context once known"
             )
         return
-    result = collect(args, runs, controls)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality.json").write_text(json.dumps(result, indent=1))
-    write_markdown(result, args.out / "quality.md")
-    plot(result, args.out / "quality_vs_tokens.png")
-    print((args.out / "quality.md").read_text())
-    print(f"[quality] wrote {args.out / 'quality.md'}, quality.json, quality_vs_tokens.png")
+    report(args)
 
 
 if __name__ == "__main__":

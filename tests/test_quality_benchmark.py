@@ -82,12 +82,16 @@ def test_dry_run_prints_every_command_and_runs_nothing(quality, tmp_path, capsys
     )
     assert "stages.attention.steps=3" in tiny20 and "stages.logits.steps=7" in tiny20
     evals = [line for line in lines if line.startswith("linearize eval")]
-    assert len(evals) == 6 * 3  # held-out TinyStories, Wizard of Oz, long context per export
+    # held-out documents (unseen TinyStories), Wizard of Oz, long context per export: no separate TinyStories
+    # score, as these recipes train on the other TinyStories documents
+    assert len(evals) == 6 * 3
     assert all("ppl_seq_len=2048" not in e for e in evals)  # capped at the 512-token context
     assert sum("ppl_seq_len=512" in e for e in evals) == 6
-    assert all(
-        "tasks=ppl,recall,controls" in e for e in evals if "/tinystories" in e and "finetuned" not in e
-    )
+    assert all("tasks=ppl,recall,controls" in e for e in evals if "/heldout" in e and "finetuned" not in e)
+    # the sliding window scored beside each student on the other texts (its held-out text: by controls)
+    assert all(("ppl_window=true" in e) == ("finetuned" not in e and "/heldout" not in e) for e in evals)
+    # every run shares one folder of teacher-written text
+    assert all("data.sampling.cache_dir=" in c for c in converts)
 
 
 def test_smollm2_budgets_split_like_the_recipes_and_liger_has_one_stage(quality, tmp_path, capsys):
@@ -138,14 +142,101 @@ def test_micro_budget_run_on_the_bundled_teacher(quality, tmp_path, capsys):
         (r, b) for r in ("tiny", "tiny-lolcats") for b in (20_000, 40_000)
     }
     for r in result["runs"]:
-        assert r["student"]["ppl_tinystories"] > 1 and r["student"]["ppl_wizard"] > 1
+        assert r["student"]["ppl_heldout"] > 1 and r["student"]["ppl_wizard"] > 1
         assert set(r["student"]["ppl_long"]) == {"512"}
         assert r["finetuned_teacher"]["is_teacher"] == (r["recipe"] == "tiny")
-        assert r["x_sliding_window"] > 0
+        # the zero-training sliding window next to every student, at the training length and beyond
+        assert r["x_sliding_window"]["heldout"] > 0 and r["x_sliding_window"]["long"]["512"] > 0
     md = (out / "quality.md").read_text()
     assert "| `tiny-lolcats` | 20,480 |" in md and "20k tokens: best is" in md and "40k tokens: best is" in md
     assert (out / "quality_vs_tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     capsys.readouterr()
     quality.main(argv)
     printed = capsys.readouterr().out
-    assert printed.count("already converted") == 6 and "[quality] convert" not in printed
+    assert printed.count("unit done") == 6 and "[quality] convert" not in printed
+    units = sorted(p.name for p in (out / "units").glob("*.json"))
+    assert units == sorted(
+        [f"{r}@{b}.json" for r in ("tiny", "tiny-lolcats") for b in ("20k", "40k")]
+        + [f"finetuned-teacher--tiny-lolcats@{b}.json" for b in ("20k", "40k")]
+    )
+    unit = json.loads((out / "units" / "tiny@20k.json").read_text())
+    assert unit["seconds"]["convert"] > 0 and set(unit["seconds"]["evals"]) == {
+        "heldout",
+        "wizard",
+        "long_512",
+    }
+    # the report is rebuilt from the units alone
+    (out / "quality.md").unlink()
+    quality.main([*argv, "--report-only"])
+    assert "| `tiny-lolcats` | 20,480 |" in (out / "quality.md").read_text()
+
+
+def unit(quality, recipe, budget, student, window_long, control=None):
+    """A unit as write_unit leaves it (after a JSON round trip: long-context keys are strings)."""
+    teacher = {
+        "ppl_heldout": 10.0,
+        "ppl_wizard": 20.0,
+        "ppl_long": {"2048": 18.0},
+        "mqar": 0.9,
+        "passkey": 1.0,
+    }
+    window = {
+        "ppl_heldout": 14.0,
+        "ppl_wizard": 30.0,
+        "ppl_long": {"2048": window_long},
+        "window": 64,
+        "sinks": 4,
+    }
+    return {
+        "unit": quality.unit_name(recipe, budget, control is True),
+        "recipe": recipe,
+        "budget": budget,
+        "control": control is True,
+        "tokens": {"attention": budget // 3, "logits": budget - budget // 3, "total": budget},
+        "train": ["teacher:300k"],
+        "finetuned_teacher": None if control is True else (control or "teacher"),
+        "metrics": {
+            "student": student,
+            "teacher": teacher,
+            "sliding_window": window,
+            "verdicts": {"beats_window": {"ppl": student["ppl_heldout"] < 14.0}},
+        },
+        "seconds": {"convert": 600.0, "evals": {"heldout": 60.0}},
+        "machine": {"cpu": "AMD EPYC", "threads": 2, "bf16_instructions": False, "commit": "abc1234"},
+        "settings": {"teacher": "smollm2", "eval_quick": False, "set": {"teacher.dtype": "float32"}},
+    }
+
+
+def test_the_report_sets_each_student_beside_teacher_control_and_sliding_window(quality, tmp_path):
+    units = {}
+    for u in (
+        unit(
+            quality,
+            "lin",
+            150_000,
+            {"ppl_heldout": 13.0, "ppl_wizard": 26.0, "ppl_long": {"2048": 40.0}},
+            25.0,
+        ),
+        unit(
+            quality,
+            "lolcats",
+            150_000,
+            {"ppl_heldout": 12.0, "ppl_wizard": 24.0, "ppl_long": {"2048": 20.0}},
+            25.0,
+            control="finetuned-teacher--lolcats@150k",
+        ),
+        unit(quality, "lolcats", 150_000, {"ppl_heldout": 8.0, "ppl_wizard": 16.0}, 25.0, control=True),
+    ):
+        units[u["unit"]] = json.loads(json.dumps(u))
+    result = quality.collect(units)
+    rows = {r["recipe"]: r for r in result["runs"]}
+    assert set(rows) == {"lin", "lolcats"}  # the control is a reference, not a row
+    assert rows["lolcats"]["x_finetuned_teacher"]["heldout"] == pytest.approx(12.0 / 8.0)
+    assert rows["lin"]["x_finetuned_teacher"]["heldout"] == pytest.approx(13.0 / 10.0)  # KL only: the teacher
+    assert rows["lin"]["x_sliding_window"]["long"]["2048"] == pytest.approx(40.0 / 25.0)
+    verdict = result["verdicts"]["150k"]
+    assert "best is lolcats" in verdict and "lin at 2048 tokens (1.60x)" in verdict
+    quality.write_markdown(result, tmp_path / "quality.md", units)
+    md = (tmp_path / "quality.md").read_text()
+    assert "× sliding window (2048)" in md and "| `lolcats` | 150,000 |" in md
+    assert "AMD EPYC (2 threads, no bf16 instructions) with `--set teacher.dtype=float32`" in md

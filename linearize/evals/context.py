@@ -4,6 +4,7 @@ branch controls that run a hybrid student's branches alone (wrappers in the mixe
 
 from __future__ import annotations
 
+import functools
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,6 +42,10 @@ class EvalSettings:
     """Tokens per perplexity window."""
     ppl_max_blocks: int = 0
     """Score at most this many windows (0: all)."""
+    ppl_window: bool = False
+    """`ppl` also scores the zero-training sliding-window teacher (`window`, `sinks`) on the same windows:
+    the baseline a student must beat, at any length (the `controls` task scores it at `ppl_seq_len` with
+    recall too)."""
     add_bos: bool = True
     """Prepend BOS to every document and generated sample (when the tokenizer has one)."""
     mqar_pairs: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
@@ -236,3 +241,20 @@ class EvalContext:
     def generator(self, salt: int) -> torch.Generator:
         """A torch generator seeded from the settings' seed and a per-task salt."""
         return torch.Generator().manual_seed(self.settings.seed * 1_000_003 + salt)
+
+
+def sliding_window_mask(seq_len: int, device: torch.device, window: int, sinks: int) -> torch.Tensor:
+    """[1, 1, seq_len, seq_len] bool: query i sees key j when j <= i and (i - j < window or j < sinks)."""
+    i = torch.arange(seq_len, device=device)
+    causal = i[:, None] >= i[None, :]
+    keep = causal & ((i[:, None] - i[None, :] < window) | (i[None, :] < sinks))
+    return keep[None, None]
+
+
+def window_scorer(ctx: EvalContext) -> Scorer:
+    """The teacher restricted to a sliding window of `settings.window` tokens plus `settings.sinks` sinks,
+    through an explicit 4D attention mask (no patching): the zero-training baseline."""
+    s = ctx.settings
+    return Scorer(
+        WINDOW, ctx.teacher.model, functools.partial(sliding_window_mask, window=s.window, sinks=s.sinks)
+    )

@@ -11,33 +11,22 @@
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
-import torch
-
 from linearize.evals import EvalError
-from linearize.evals.context import BRANCHES, HYBRID_MIXERS, WINDOW, Scorer, is_hybrid
+from linearize.evals.context import (
+    BRANCHES,
+    HYBRID_MIXERS,
+    Scorer,
+    is_hybrid,
+    sliding_window_mask,  # noqa: F401  (part of this module's interface)
+    window_scorer,
+)
 from linearize.evals.perplexity import ppl_blocks, scorer_perplexity
 from linearize.evals.recall import recall_scores
 
 if TYPE_CHECKING:
     from linearize.evals.context import EvalContext
-
-
-def sliding_window_mask(seq_len: int, device: torch.device, window: int, sinks: int) -> torch.Tensor:
-    """[1, 1, seq_len, seq_len] bool: query i sees key j when j <= i and (i - j < window or j < sinks)."""
-    i = torch.arange(seq_len, device=device)
-    causal = i[:, None] >= i[None, :]
-    keep = causal & ((i[:, None] - i[None, :] < window) | (i[None, :] < sinks))
-    return keep[None, None]
-
-
-def window_scorer(ctx: EvalContext) -> Scorer:
-    s = ctx.settings
-    return Scorer(
-        WINDOW, ctx.teacher.model, functools.partial(sliding_window_mask, window=s.window, sinks=s.sinks)
-    )
 
 
 def window_control(ctx: EvalContext) -> dict:

@@ -15,6 +15,7 @@ import torch
 from linearize.config import DataConfig
 from linearize.data import load_documents, pack, tokenize
 from linearize.distributed import max_over_processes
+from linearize.evals.context import STUDENT, TEACHER, WINDOW, window_scorer
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -169,10 +170,14 @@ def ppl_blocks(ctx: EvalContext) -> tuple[list[list[int]], dict]:
 
 
 def ppl_task(ctx: EvalContext) -> dict:
-    """Held-out perplexity of teacher and student on the same windows."""
+    """Held-out perplexity of teacher and student on the same windows (and of the sliding-window teacher
+    with `ppl_window`)."""
     blocks, meta = ppl_blocks(ctx)
     out = {"meta": meta}
-    for scorer in ctx.scorers:
+    scorers = ctx.scorers + ([window_scorer(ctx)] if ctx.settings.ppl_window else [])
+    for scorer in scorers:
         out[scorer.name] = scorer_perplexity(scorer, blocks, ctx.settings.batch_size)
-    out["ratio"] = out["student"]["ppl"] / out["teacher"]["ppl"]
+    out["ratio"] = out[STUDENT]["ppl"] / out[TEACHER]["ppl"]
+    if ctx.settings.ppl_window:
+        out["ratio_to_window"] = out[STUDENT]["ppl"] / out[WINDOW]["ppl"]
     return out

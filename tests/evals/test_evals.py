@@ -149,6 +149,24 @@ def test_ppl_scores_teacher_below_untrained_student_on_the_same_tokens(ctx):
     assert perplexity(ctx.teacher.model, docs, seq_len=4)["tokens"] == 3 + 2
 
 
+def test_ppl_with_the_window_baseline_scores_it_on_the_same_windows(ctx):
+    import dataclasses
+
+    from linearize.evals.perplexity import ppl_task
+
+    def with_window(window: int) -> dict:
+        settings = dataclasses.replace(ctx.settings, ppl_window=True, window=window, sinks=2)
+        return ppl_task(dataclasses.replace(ctx, settings=settings))
+
+    narrow, wide = with_window(8), with_window(10_000)
+    assert narrow["sliding_window"]["tokens"] == narrow["teacher"]["tokens"]
+    # a window wider than the text is the teacher itself; a narrow one loses context
+    assert wide["sliding_window"]["ppl"] == pytest.approx(wide["teacher"]["ppl"], rel=1e-5)
+    assert narrow["sliding_window"]["ppl"] > narrow["teacher"]["ppl"] * 1.05
+    assert narrow["ratio_to_window"] == narrow["student"]["ppl"] / narrow["sliding_window"]["ppl"]
+    assert "sliding_window" not in ppl_task(ctx)
+
+
 def test_recall_grids_and_teacher_not_below_untrained_student(ctx):
     from linearize.evals.recall import recall_task
 
