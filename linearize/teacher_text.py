@@ -18,13 +18,15 @@ text.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -193,6 +195,63 @@ def sample_batch(
     return results
 
 
+@contextmanager
+def exclusive(lock: Path, log: Callable[[str], None]) -> Iterator[None]:
+    """Hold an exclusive lock on `lock` (one writer per text folder: a second `convert` or `generate` on the
+    same teacher waits, then reads what the first wrote)."""
+    with lock.open("w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"[teacher text] {lock.parent} is being written by another process; waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def write_parts(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: SamplingConfig,
+    folder: Path,
+    manifest: dict,
+    dtype: str,
+    tokens: int,
+    log: Callable[[str], None],
+) -> None:
+    """Append part files to `folder` (and `manifest`) until it holds `tokens` tokens."""
+    split = manifest["settings"]["split"]
+    have = sum(p["tokens"] for p in manifest["parts"])
+    if have >= tokens:
+        return
+    pool = openings(cfg, split)
+    chat = uses_chat(cfg, tokenizer)
+    log(f"[teacher text] {split}: {have:,} of {tokens:,} tokens in {folder}; generating the rest")
+    began, written = time.perf_counter(), 0
+    model.eval()
+    while have < tokens:
+        index = len(manifest["parts"])
+        first = sum(p["samples"] for p in manifest["parts"])
+        prompts = [
+            render(cfg, tokenizer, pool[(first + i) % len(pool)], first + i, chat)
+            for i in range(cfg.batch_size)
+        ]
+        # a part's seed depends on its index only: resumed with the same batch size, a run writes what an
+        # unbroken one would
+        samples = sample_batch(model, tokenizer, cfg, prompts, cfg.seed * 1_000_003 + index, bos=not chat)
+        name = f"part-{index:05d}.jsonl"
+        write_atomically(folder / name, "".join(json.dumps({"text": t}) + "\n" for t, _ in samples))
+        count = sum(n for _, n in samples)
+        manifest["parts"].append({"file": name, "samples": len(samples), "tokens": count, "dtype": dtype})
+        write_atomically(folder / MANIFEST, json.dumps(manifest, indent=1))
+        have += count
+        written += count
+        rate = written / (time.perf_counter() - began)
+        log(f"[teacher text] {split}: {have:,} / {tokens:,} tokens ({rate:,.0f} tokens/s)")
+
+
 def generate(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -210,33 +269,12 @@ def generate(
     folder = text_folder(cfg, teacher_path, split)
     folder.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(folder)
-    manifest["settings"] = {"teacher": teacher_path, "split": split, **asdict(cfg)}
-    have = sum(p["tokens"] for p in manifest["parts"])
-    if have < tokens:
-        pool = openings(cfg, split)
-        chat = uses_chat(cfg, tokenizer)
-        log(f"[teacher text] {split}: {have:,} of {tokens:,} tokens in {folder}; generating the rest")
-        began, written = time.perf_counter(), 0
-        model.eval()
-        while have < tokens:
-            index = len(manifest["parts"])
-            first = sum(p["samples"] for p in manifest["parts"])
-            prompts = [
-                render(cfg, tokenizer, pool[(first + i) % len(pool)], first + i, chat)
-                for i in range(cfg.batch_size)
-            ]
-            # a part's seed depends on its index only: resumed with the same batch size, a run writes what an
-            # unbroken one would
-            samples = sample_batch(model, tokenizer, cfg, prompts, cfg.seed * 1_000_003 + index, bos=not chat)
-            name = f"part-{index:05d}.jsonl"
-            write_atomically(folder / name, "".join(json.dumps({"text": t}) + "\n" for t, _ in samples))
-            count = sum(n for _, n in samples)
-            manifest["parts"].append({"file": name, "samples": len(samples), "tokens": count, "dtype": dtype})
-            write_atomically(folder / MANIFEST, json.dumps(manifest, indent=1))
-            have += count
-            written += count
-            rate = written / (time.perf_counter() - began)
-            log(f"[teacher text] {split}: {have:,} / {tokens:,} tokens ({rate:,.0f} tokens/s)")
+    if sum(p["tokens"] for p in manifest["parts"]) < tokens:
+        with exclusive(folder / ".lock", log):
+            # read again under the lock: another process may have written the text meanwhile
+            manifest = read_manifest(folder)
+            manifest["settings"] = {"teacher": teacher_path, "split": split, **asdict(cfg)}
+            write_parts(model, tokenizer, cfg, folder, manifest, dtype, tokens, log)
     parts, total = [], 0
     for part in manifest["parts"]:
         if total >= tokens:

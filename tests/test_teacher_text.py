@@ -142,3 +142,30 @@ def test_a_left_padded_prompt_continues_as_it_would_alone(tiny):
     alone = [teacher_text.sample_batch(model, tokenizer, cfg, [p], seed=0, bos=True)[0] for p in prompts]
     assert together == alone
     assert together[1][0].startswith("The dog ran") and together[1][1] > 4
+
+
+def test_a_second_writer_waits_for_the_first_then_reads_its_text(tmp_path, tiny):
+    import threading
+    import time
+
+    model, tokenizer = tiny
+    cfg = sampling(tmp_path)
+    folder = teacher_text.text_folder(cfg, TEACHER, "train")
+    folder.mkdir(parents=True)
+    said, result = [], {}
+
+    def second():
+        result["parts"] = teacher_text.generate(
+            model, tokenizer, cfg, TEACHER, "float32", "train", 50, said.append
+        )
+
+    with teacher_text.exclusive(folder / ".lock", print):  # the first writer, mid-generation
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(1.0)
+        assert thread.is_alive() and "another process" in said[0]
+        manifest = {"parts": [], "settings": {"split": "train"}}
+        teacher_text.write_parts(model, tokenizer, cfg, folder, manifest, "float32", 50, print)
+    thread.join(timeout=60)
+    assert result["parts"] == [folder / p["file"] for p in manifest["parts"]]
+    assert not any("generating" in line for line in said)
