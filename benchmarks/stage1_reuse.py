@@ -24,12 +24,16 @@ from pathlib import Path
 
 import torch
 
-from linearize.config import load_recipe
+from linearize import teacher_text
+from linearize.config import load_recipe, teacher_text_tokens
 from linearize.convert.swap import plan_for, swap
 from linearize.convert.teachers import load_teacher
 from linearize.data import build_splits
 from linearize.distill.stages import attention_stage
 from linearize.distill.teacher import LiveTeacher
+
+TEXT_DIR = Path(__file__).resolve().parent / "teacher-text"
+BF16 = [True]  # --dtype float32 turns bf16 autocast off (a CPU without bf16 instructions emulates it)
 
 
 @torch.no_grad()
@@ -37,7 +41,7 @@ def heldout_loss(aligner, teacher: LiveTeacher, blocks: torch.Tensor, batch: int
     total = 0.0
     starts = range(0, len(blocks), batch)
     for start in starts:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16[0]):
             total += aligner(teacher.capture(blocks[start : start + batch], aligner.layers)).item()
     return total / len(starts)
 
@@ -60,10 +64,10 @@ def run(recipe, teacher, train: torch.Tensor, heldout: torch.Tensor, reuse: int,
         if steps % reuse == 0:
             first = (captures * cfg.batch_size) % len(train)
             idx = order[first : first + cfg.batch_size]
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16[0]):
                 captured = live.capture(train[idx], aligner.layers)
             captures += 1
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16[0]):
             loss = aligner(captured)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -94,11 +98,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=150.0, help="wall-clock budget of each run")
     p.add_argument("--reuse", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--heldout-blocks", type=int, default=16)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights and compute")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    recipe = load_recipe(args.recipe, {"teacher.path": args.teacher, "teacher.dtype": "bfloat16"})
-    teacher, tokenizer = load_teacher(recipe.teacher.path, "bfloat16")
-    blocks = build_splits(recipe.data, tokenizer).train
+    BF16[0] = args.dtype == "bfloat16"
+    # the committed teacher-written text (benchmarks/README.md), when the recipe trains on teacher text
+    data = {"data.train": "[teacher:300k]", "data.sampling.cache_dir": str(TEXT_DIR)}
+    recipe = load_recipe(args.recipe, {"teacher.path": args.teacher, "teacher.dtype": args.dtype})
+    if any(teacher_text_tokens(s) for s in recipe.data.train):
+        recipe = load_recipe(args.recipe, {"teacher.path": args.teacher, "teacher.dtype": args.dtype, **data})
+    teacher, tokenizer = load_teacher(recipe.teacher.path, args.dtype)
+    text = teacher_text.resolve(recipe.data, recipe.teacher.path, args.dtype, teacher, tokenizer)
+    blocks = build_splits(text, tokenizer).train
     heldout, train = blocks[-args.heldout_blocks :], blocks[: -args.heldout_blocks]
     print(
         f"{len(train)} training blocks, {len(heldout)} held-out blocks of {blocks.shape[1]} tokens",
@@ -116,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
             "recipe": args.recipe,
             "teacher": args.teacher,
             "seconds": args.seconds,
+            "dtype": args.dtype,
             "machine": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
             "commit": commit.strip(),

@@ -29,12 +29,13 @@ from pathlib import Path
 
 import torch
 
-from linearize.config import load_recipe
+from linearize.config import load_recipe, teacher_text_tokens
 from linearize.convert.teachers import load_teacher
 from linearize.host import keep_freed_memory
 from linearize.pipeline import convert
 
 STAGES = ("attention", "logits")
+TEXT_DIR = Path(__file__).resolve().parent / "teacher-text"
 
 
 def matmul_rate(
@@ -122,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
 
     overrides = {"teacher.path": args.teacher, "teacher.dtype": args.dtype}
     overrides["train.precision"] = "bf16" if args.dtype == "bfloat16" else "fp32"
+    if any(teacher_text_tokens(s) for s in load_recipe(args.recipe).data.train):
+        # the committed teacher-written text (benchmarks/README.md): nothing to generate before measuring
+        overrides |= {"data.train": "[teacher:300k]", "data.sampling.cache_dir": str(TEXT_DIR)}
     for pair in args.set:
         key, _, value = pair.partition("=")
         overrides[key] = value

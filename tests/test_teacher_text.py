@@ -169,3 +169,29 @@ def test_a_second_writer_waits_for_the_first_then_reads_its_text(tmp_path, tiny)
     thread.join(timeout=60)
     assert result["parts"] == [folder / p["file"] for p in manifest["parts"]]
     assert not any("generating" in line for line in said)
+
+
+def test_evaluation_scores_the_runs_teacher_written_heldout_text_and_never_writes_it(tmp_path, tiny):
+    from linearize.evals.context import EvalContext, EvalSettings, Scorer
+    from linearize.evals.perplexity import heldout_texts
+
+    model, tokenizer = tiny
+    sampling_keys = {"cache_dir": str(tmp_path / "cache"), "max_new_tokens": 12, "batch_size": 3}
+    recipe = {
+        "teacher": {"path": TEACHER, "dtype": "float32"},
+        "data": {"heldout": ["teacher:40"], "sampling": sampling_keys},
+    }
+    ctx = EvalContext(
+        teacher=Scorer("teacher", model),
+        student=Scorer("student", model),
+        tokenizer=tokenizer,
+        settings=EvalSettings(),
+        recipe=recipe,
+    )
+    with pytest.raises(DataError, match="linearize generate"):
+        heldout_texts(ctx)
+    parts = teacher_text.generate(
+        model, tokenizer, SamplingConfig(**sampling_keys), TEACHER, "float32", "heldout", 40
+    )
+    docs, source = heldout_texts(ctx)
+    assert docs == texts(parts) and source == "teacher:40"

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from linearize.config import DataConfig
+from linearize import teacher_text
+from linearize.config import DataConfig, parse_pairs_into
 from linearize.data import load_documents, pack, tokenize
 from linearize.distributed import max_over_processes
 from linearize.evals.context import STUDENT, TEACHER, WINDOW, window_scorer
@@ -137,10 +138,16 @@ def heldout_texts(ctx: EvalContext) -> tuple[list[str], str]:
     s = ctx.settings
     if s.ppl_data:
         return [d for src in s.ppl_data for d in load_documents(src)], ", ".join(s.ppl_data)
-    data = DataConfig(**(ctx.recipe or {}).get("data", {})) if ctx.recipe else DataConfig()
+    recipe = ctx.recipe or {}
+    data = parse_pairs_into(DataConfig, {}, base=recipe.get("data", {}), what="recipe.yaml data key")
+    # teacher-written held-out text (teacher:<tokens>) is read from where the run found it; never generated here
+    teacher, asked = recipe.get("teacher", {}), ", ".join(data.heldout)
+    data = teacher_text.resolve(
+        data, teacher.get("path", ""), teacher.get("dtype", "float32"), None, ctx.tokenizer
+    )
     if data.heldout:
         docs = [d for src in data.heldout for d in load_documents(src, data.text_field, data.doc_separator)]
-        return docs, ", ".join(data.heldout)
+        return docs, asked
     sources = data.train if data.heldout_docs else ["bundled:tinystories_docs.txt"]
     n = data.heldout_docs or 49
     docs = [d for src in sources for d in load_documents(src, data.text_field, data.doc_separator)]
