@@ -234,12 +234,15 @@ def eval_commands(
 ) -> dict[str, list[str]]:
     """eval name -> `linearize eval` command; each writes results.json into run.evals[name]. `train`: the
     run's training sources (unseen TinyStories is scored only when they are not among them)."""
-    common = {"model": str(run.final), "teacher": args.teacher, "ppl_mode": "window"}
+    # the machine is the benchmark's own: torch's threads (eval's default of 1 suits a loaded machine)
+    common = {"model": str(run.final), "teacher": args.teacher, "ppl_mode": "window", "cpu_threads": "0"}
     if args.eval_quick:
         common |= QUICK
     evals: dict[str, dict[str, str]] = {
-        "heldout": {  # the export's own held-out text (the recipe's data.heldout or held-out documents)
-            "tasks": "ppl,recall" if run.control else "ppl,recall,controls",
+        # the export's own held-out text (the recipe's data.heldout or held-out documents); for a student, the
+        # controls task scores teacher, student and sliding window on its perplexity windows and recall
+        "heldout": {
+            "tasks": "ppl,recall" if run.control else "controls",
             "ppl_seq_len": str(seq_len),
         }
     }
@@ -320,6 +323,10 @@ def metrics(run: Run) -> dict:
     student, teacher, window, verdicts = {}, {}, {}, {}
     for name, folder in run.evals.items():
         tasks = read_eval(folder)
+        window_control = tasks.get("controls", {}).get("window")
+        if window_control:  # teacher and student scored there, next to the sliding window
+            tasks.setdefault("ppl", window_control["ppl"])
+            tasks.setdefault("recall", window_control["recall"])
         key = name if name in ("heldout", "tinystories", "wizard") else None
         ppl = tasks["ppl"]
         if key:
