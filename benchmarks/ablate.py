@@ -1,0 +1,176 @@
+"""Recipe ablations at equal distillation tokens: one recipe, one budget, several variants of its settings.
+
+Each variant is a name and recipe overrides (`NAME` alone is the recipe as shipped):
+
+    python benchmarks/ablate.py --teacher ~/.cache/linearize-assets/smollm2-135m-instruct \\
+        --recipe smollm2-135m-to-linear --budget 150k --train teacher:300k --out /work/abl --git-commit \\
+        --variant shipped --variant "s1-batch2:stages.attention.batch_size=2"
+
+The overrides are applied before the budget is scaled (as `benchmarks/quality.py` scales it: split between
+the stages as the varied recipe splits its own tokens), so a variant that changes a batch size keeps the
+budget and changes the number of steps, and one that changes a stage's steps changes the split. Each variant
+is one `linearize convert`; its held-out perplexities (the run's own `eval.json`: the teacher, the student
+after each stage, on the recipe's held-out text) are written as
+`<results>/ablations/<recipe>@<budget>/<variant>.json` as soon as it finishes (committed with
+`--git-commit`), and a variant whose JSON exists is skipped: the list grows over sessions. `ablations.md`
+beside them is rebuilt from every JSON of the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quality import (  # noqa: E402  (a sibling script, not a package)
+    REPO,
+    budget_label,
+    cpu_name,
+    data_overrides,
+    execute,
+    parse_budget,
+    parse_sets,
+    scaled_stages,
+    shown,
+)
+
+from linearize.host import cpu_multiplies_bf16  # noqa: E402
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """`NAME` or `NAME:KEY=VALUE;KEY=VALUE` -> (name, overrides)."""
+    name, _, rest = text.partition(":")
+    name = name.strip()
+    if not name or "/" in name:
+        raise SystemExit(f"--variant {text!r}: give NAME or NAME:KEY=VALUE;KEY=VALUE (a name without '/')")
+    pairs = [p.strip() for p in rest.split(";") if p.strip()]
+    return name, parse_sets(pairs)
+
+
+def variant_overrides(args, overrides: dict[str, str]) -> tuple[dict[str, str], dict[str, int]]:
+    """All overrides of one variant's convert run (its own, then the budget's steps) and its stage tokens."""
+    from linearize.config import load_recipe
+
+    common = {
+        **data_overrides(args.train),
+        "data.sampling.cache_dir": str(args.text_dir),
+        **args.sets,
+        **overrides,
+    }
+    recipe = load_recipe(args.recipe, {**common, "teacher.path": args.teacher})
+    stages, tokens = scaled_stages(recipe, args.budget)
+    return {**common, **stages}, tokens
+
+
+def write_result(
+    args, name: str, own: dict, overrides: dict, tokens: dict, run_dir: Path, seconds: float, command: str
+) -> Path:
+    """One variant's result JSON (committed with --git-commit)."""
+    import torch
+
+    evals = json.loads((run_dir / "eval.json").read_text())
+    teacher = evals["teacher"]["ppl"]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    result = {
+        "recipe": args.recipe,
+        "budget": args.budget,
+        "variant": name,
+        "variant_overrides": own,
+        "overrides": overrides,
+        "tokens": {**tokens, "total": sum(tokens.values())},
+        "heldout_ppl": {k: v["ppl"] for k, v in evals.items()},
+        "x_teacher": {k: v["ppl"] / teacher for k, v in evals.items()},
+        "seconds": seconds,
+        "command": command,
+        "machine": {
+            "cpu": cpu_name(),
+            "bf16_instructions": cpu_multiplies_bf16(),
+            "threads": torch.get_num_threads(),
+            "commit": commit.stdout.strip(),
+        },
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    path = args.folder / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    if args.git_commit:
+        subprocess.run(["git", "add", str(path)], cwd=REPO, check=True)
+        subprocess.run(
+            ["git", "commit", "-q", "-m", f"ablation {args.folder.name} {name}", "--", str(path)],
+            cwd=REPO,
+            check=True,
+        )
+    return path
+
+
+def write_table(folder: Path) -> str:
+    rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    rows.sort(key=lambda r: r["heldout_ppl"].get("student_after_logits", float("inf")))
+    lines = [
+        f"# Ablations of `{rows[0]['recipe']}` at {budget_label(rows[0]['budget'])} distillation tokens",
+        "",
+        "Held-out perplexity (the recipe's held-out teacher-written text, the run's own eval) of the student "
+        "after each stage, and its ratio to the teacher; every variant at the same total tokens.",
+        "",
+        "| variant | overrides | tokens (stage 1 / stage 2) | after stage 1 | after stage 2 | × teacher "
+        "| wall time | threads |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ppl, x = r["heldout_ppl"], r["x_teacher"]
+        own = "; ".join(f"`{k}={v}`" for k, v in r.get("variant_overrides", {}).items()) or "as shipped"
+        lines.append(
+            f"| {r['variant']} | {own} | {r['tokens']['attention']:,} / {r['tokens']['logits']:,} | "
+            f"{ppl.get('student_after_attention', float('nan')):.2f} | "
+            f"{ppl.get('student_after_logits', float('nan')):.2f} | "
+            f"{x.get('student_after_logits', float('nan')):.2f} | {r['seconds'] / 60:.0f} min | "
+            f"{r['machine']['threads']} |"
+        )
+    teacher = rows[0]["heldout_ppl"]["teacher"]
+    lines += ["", f"Teacher held-out perplexity {teacher:.3f}. CPU: {rows[0]['machine']['cpu']}.", ""]
+    text = "\n".join(lines)
+    (folder / "ablations.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--budget", required=True, help="total distillation tokens, e.g. 150k")
+    p.add_argument("--variant", action="append", required=True, help="NAME or NAME:KEY=VALUE;KEY=VALUE")
+    p.add_argument("--train", default="teacher:300k", help="data.train of every variant")
+    p.add_argument("--text-dir", default=REPO / "benchmarks" / "teacher-text", type=Path)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default=Path("out/ablations"), type=Path, help="run folders")
+    p.add_argument("--results", default=REPO / "benchmarks" / "results" / "smollm2-cpu", type=Path)
+    p.add_argument("--git-commit", action="store_true")
+    args = p.parse_args(argv)
+    args.budget = parse_budget(args.budget)
+    args.sets = parse_sets(args.sets)
+    args.train = [t.strip() for t in args.train.split(",") if t.strip()]
+    args.folder = args.results / "ablations" / f"{args.recipe}@{budget_label(args.budget)}"
+    variants = [parse_variant(v) for v in args.variant]
+    planned = [(name, own, *variant_overrides(args, own)) for name, own in variants]  # all resolve first
+    for name, own, overrides, tokens in planned:
+        if (args.folder / f"{name}.json").is_file():
+            print(f"[ablate] {name}: done")
+            continue
+        run_dir = args.out / f"{args.recipe}@{budget_label(args.budget)}" / name
+        pairs = {"recipe": args.recipe, "teacher.path": args.teacher, "output_dir": str(run_dir), **overrides}
+        pairs["eval.tasks"] = "[]"
+        command = [sys.executable, "-m", "linearize", "convert", *(f"{k}={v}" for k, v in pairs.items())]
+        seconds = execute(command, run_dir.parent / f"{name}.log", f"variant {name}")
+        path = write_result(args, name, own, overrides, tokens, run_dir, seconds, shown(command))
+        result = json.loads(path.read_text())
+        print(f"[ablate] {name}: {result['heldout_ppl']}", flush=True)
+    print(write_table(args.folder))
+
+
+if __name__ == "__main__":
+    main()
