@@ -822,7 +822,16 @@ def check_recipe(name: str, args) -> None:
 def report(args) -> None:
     units = load_units(args.results)
     if not any(not u["control"] for u in units.values()):
-        print(f"[quality] no student unit in {args.results / 'units'} yet: no report")
+        # no table yet: say so, rather than leave a report of units that are gone (superseded)
+        args.results.mkdir(parents=True, exist_ok=True)
+        for stale in ("quality.json", "quality_vs_tokens.png"):
+            (args.results / stale).unlink(missing_ok=True)
+        (args.results / "quality.md").write_text(
+            "# Conversion quality at equal distillation tokens\n\nNo student unit in `units/` yet"
+            + (f" ({len(units)} control unit(s))" if units else "")
+            + ": run `benchmarks/quality.py` (see benchmarks/README.md).\n"
+        )
+        print(f"[quality] no student unit in {args.results / 'units'} yet: quality.md says so")
         return
     result = collect(units)
     args.results.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """benchmarks/quality.py: argument checks and the planned commands (fast), and a whole micro-budget run on
 the bundled teacher (slow)."""
 
+import argparse
 import importlib.util
 import json
 import re
@@ -116,7 +117,10 @@ def test_smollm2_budgets_split_like_the_recipes_and_liger_has_one_stage(quality,
     for name, line in converts.items():
         if name == "recipe=smollm2-135m-liger":
             assert "stages.attention.steps=0" in line and "stages.logits.steps=488" in line
-        else:  # 2M tokens at 4,096 per step, 1:2 like smollm2-135m-to-linear
+        elif name in ("recipe=smollm2-135m-to-linear", "recipe=smollm2-135m-to-hybrid"):
+            # 2M tokens at 1,024 per step, two thirds in stage 1 as the recipes split their own
+            assert "stages.attention.steps=1302" in line and "stages.logits.steps=651" in line, name
+        else:  # 2M tokens at 4,096 per step, 1:2 like the anchors' own split
             assert "stages.attention.steps=163" in line and "stages.logits.steps=326" in line, name
     controls = [
         line for line in lines if line.startswith("linearize convert") and "student.mixer=softmax" in line
@@ -240,3 +244,13 @@ def test_the_report_sets_each_student_beside_teacher_control_and_sliding_window(
     md = (tmp_path / "quality.md").read_text()
     assert "× sliding window (2048)" in md and "| `lolcats` | 150,000 |" in md
     assert "AMD EPYC (2 threads, no bf16 instructions) with `--set teacher.dtype=float32`" in md
+
+
+def test_a_report_without_student_units_says_so_and_drops_the_stale_table(quality, tmp_path):
+    results = tmp_path / "results"
+    (results / "units").mkdir(parents=True)
+    for stale in ("quality.md", "quality.json", "quality_vs_tokens.png"):
+        (results / stale).write_text("an old table")
+    quality.report(argparse.Namespace(results=results))
+    assert "No student unit" in (results / "quality.md").read_text()
+    assert not (results / "quality.json").exists() and not (results / "quality_vs_tokens.png").exists()
