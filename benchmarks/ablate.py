@@ -6,9 +6,10 @@ Each variant is a name and recipe overrides (`NAME` alone is the recipe as shipp
         --recipe smollm2-135m-to-linear --budget 150k --train teacher:300k --out /work/abl --git-commit \\
         --variant shipped --variant "s1-batch2:stages.attention.batch_size=2"
 
-The overrides are applied before the budget is scaled (as `benchmarks/quality.py` scales it: split between
-the stages as the varied recipe splits its own tokens), so a variant that changes a batch size keeps the
-budget and changes the number of steps, and one that changes a stage's steps changes the split. Each variant
+The budget is split between the stages as the shipped recipe splits its own tokens (as
+`benchmarks/quality.py` splits it), or as a variant's `split=<stage-1 share>` says; each stage's steps follow
+from the variant's tokens per step, so a variant that changes a batch size keeps the tokens and changes the
+number of steps. Each variant
 is one `linearize convert`; its held-out perplexities (the run's own `eval.json`: the teacher, the student
 after each stage, on the recipe's held-out text) are written as
 `<results>/ablations/<recipe>@<budget>/<variant>.json` as soon as it finishes (committed with
@@ -29,13 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality import (  # noqa: E402  (a sibling script, not a package)
     REPO,
+    STAGES,
     budget_label,
     cpu_name,
     data_overrides,
     execute,
     parse_budget,
     parse_sets,
-    scaled_stages,
     shown,
 )
 
@@ -53,18 +54,38 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 
 
 def variant_overrides(args, overrides: dict[str, str]) -> tuple[dict[str, str], dict[str, int]]:
-    """All overrides of one variant's convert run (its own, then the budget's steps) and its stage tokens."""
+    """All overrides of one variant's convert run (its own, then the budget's steps) and its stage tokens.
+
+    The budget is split between the stages as the shipped recipe splits its own tokens, or as the variant's
+    `split=<stage-1 share>` says; each stage's steps then follow from the variant's tokens per step."""
     from linearize.config import load_recipe
 
+    overrides = dict(overrides)
+    split = overrides.pop("split", None)
     common = {
         **data_overrides(args.train),
         "data.sampling.cache_dir": str(args.text_dir),
         **args.sets,
-        **overrides,
+        "teacher.path": args.teacher,
     }
-    recipe = load_recipe(args.recipe, {**common, "teacher.path": args.teacher})
-    stages, tokens = scaled_stages(recipe, args.budget)
-    return {**common, **stages}, tokens
+    shipped = load_recipe(args.recipe, common)
+    recipe = load_recipe(args.recipe, {**common, **overrides})
+    own = {s: shipped.stage_tokens(s, 1) for s in STAGES}
+    if split is not None:
+        share = float(split)
+        if not 0 <= share <= 1:
+            raise SystemExit(f"split={split}: give stage 1's share of the tokens, between 0 and 1")
+        own = {"attention": share, "logits": 1 - share}
+    stages, tokens = {}, {}
+    for s in STAGES:
+        cfg, ref = getattr(recipe.stages, s), getattr(shipped.stages, s)
+        per_step = cfg.tokens_per_step(1, recipe.data.seq_len)
+        steps = max(1, round(args.budget * own[s] / sum(own.values()) / per_step)) if own[s] else 0
+        warmup = min(steps, round(ref.warmup_steps * steps / ref.steps)) if ref.steps else 0
+        stages[f"stages.{s}.steps"], stages[f"stages.{s}.warmup_steps"] = str(steps), str(warmup)
+        tokens[s] = steps * per_step
+    common.pop("teacher.path")
+    return {**common, **overrides, **stages}, tokens
 
 
 def write_result(

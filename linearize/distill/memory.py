@@ -78,8 +78,9 @@ def feature_width_factor(recipe: Recipe, model_config: PretrainedConfig) -> floa
 # no_grad, q/k/v, the MLP's intermediates) and the activation gradients of the layer in backward.
 WORKSPACE_HIDDEN = 16
 WORKSPACE_INTERMEDIATE = 3
-# Stage `logits`: [batch, seq, vocab] float32 buffers: the KL keeps the student's log-softmax and the
-# teacher's probabilities (2.5 copies measured, 3.5 with CE), the backward adds the logits' gradient.
+# Stage `logits`: [batch, seq, vocab] buffers in the compute dtype: the student's logits, the teacher's, the
+# gradient the chunked KL / CE keeps (distill/losses.py; their float32 work is a few rows at a time) and
+# backward's scaled copy of it.
 LOGIT_COPIES = 4
 # CUDA context, cuBLAS/NCCL workspaces and allocator slack that no formula above covers.
 RUNTIME_BYTES = GiB // 2
@@ -141,7 +142,8 @@ class MemoryEstimate:
     ACTIVATIONS[kernels]["logits"][mixer] * hidden + ACTIVATION_INTERMEDIATE * intermediate in stage logits;
     bytes is 2 in bf16, 4 in fp32."""
     logits: int
-    """Stage logits: batch * seq_len * vocab * 4 bytes * LOGIT_COPIES (stage attention keeps one position)."""
+    """Stage logits: batch * seq_len * vocab * (2 bytes under bf16, else 4) * LOGIT_COPIES (stage attention
+    keeps one position)."""
     runtime: int
     """RUNTIME_BYTES: CUDA context and workspaces."""
     params: ParameterCounts
@@ -326,7 +328,9 @@ def estimate(
         optimizer=shard(optimizer, sharding.optimizer, sharding.offload_optimizer),
         frozen_teacher=frozen,
         activations=tokens_per_micro * per_token * act_bytes,
-        logits=tokens_per_micro * model_config.vocab_size * 4 * LOGIT_COPIES if stage == "logits" else 0,
+        logits=tokens_per_micro * model_config.vocab_size * act_bytes * LOGIT_COPIES
+        if stage == "logits"
+        else 0,
         runtime=RUNTIME_BYTES,
         params=counts,
         sharding=sharding,

@@ -178,7 +178,7 @@ def test_activation_and_logit_formulas():
     two = estimate(config, recipe, "logits", 1)
     per_layer = fused["logits"]["linear"] * h + ACTIVATION_INTERMEDIATE * i
     assert two.activations == tokens * 2 * (28 * per_layer + workspace)
-    assert two.logits == tokens * 152064 * 4 * LOGIT_COPIES
+    assert two.logits == tokens * 152064 * 2 * LOGIT_COPIES  # bf16 logits; the losses work in chunks
     assert two.runtime == RUNTIME_BYTES
     chunked = estimate(config, load_recipe("qwen-7b-to-linear", {"student.impl": "chunked"}), "attention", 1)
     assert chunked.activations > one.activations
