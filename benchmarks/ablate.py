@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,15 +31,14 @@ from quality import (  # noqa: E402  (a sibling script, not a package)
     REPO,
     STAGES,
     budget_label,
-    cpu_name,
+    commit_result,
     data_overrides,
     execute,
+    machine,
     parse_budget,
     parse_sets,
     shown,
 )
-
-from linearize.host import cpu_multiplies_bf16  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -92,11 +90,8 @@ def write_result(
     args, name: str, own: dict, overrides: dict, tokens: dict, run_dir: Path, seconds: float, command: str
 ) -> Path:
     """One variant's result JSON (committed with --git-commit)."""
-    import torch
-
     evals = json.loads((run_dir / "eval.json").read_text())
     teacher = evals["teacher"]["ppl"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
     result = {
         "recipe": args.recipe,
         "budget": args.budget,
@@ -108,24 +103,14 @@ def write_result(
         "x_teacher": {k: v["ppl"] / teacher for k, v in evals.items()},
         "seconds": seconds,
         "command": command,
-        "machine": {
-            "cpu": cpu_name(),
-            "bf16_instructions": cpu_multiplies_bf16(),
-            "threads": torch.get_num_threads(),
-            "commit": commit.stdout.strip(),
-        },
+        "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     path = args.folder / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     if args.git_commit:
-        subprocess.run(["git", "add", str(path)], cwd=REPO, check=True)
-        subprocess.run(
-            ["git", "commit", "-q", "-m", f"ablation {args.folder.name} {name}", "--", str(path)],
-            cwd=REPO,
-            check=True,
-        )
+        commit_result(path, f"ablation {args.folder.name} {name}")
     return path
 
 

@@ -382,12 +382,30 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine() -> dict:
+    """Where a result was measured: the CPU, whether it has bf16 instructions, torch's threads, the commit."""
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    return {
+        "cpu": cpu_name(),
+        "bf16_instructions": cpu_multiplies_bf16(),
+        "threads": torch.get_num_threads(),
+        "commit": commit.stdout.strip(),
+    }
+
+
+def commit_result(path: Path, message: str) -> None:
+    """Commit one result file alone (the table grows commit by commit, whatever else the tree holds)."""
+    subprocess.run(["git", "add", str(path)], cwd=REPO, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", message, "--", str(path)], cwd=REPO, check=True)
+
+
 def write_unit(args, run: Run, control: Run | None, seconds: dict, commands: list[str]) -> Path:
     """The result of one (recipe, budget), or of one fine-tuned-teacher control: metrics, wall time, the
     commands and where they ran; committed with --git-commit."""
     from linearize.config import load_recipe
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
     recipe = load_recipe(run.recipe, run.overrides)
     unit = {
         "unit": unit_name(run.recipe, run.budget, run.control),
@@ -402,12 +420,7 @@ def write_unit(args, run: Run, control: Run | None, seconds: dict, commands: lis
         "metrics": metrics(run),
         "seconds": seconds,
         "commands": commands,
-        "machine": {
-            "cpu": cpu_name(),
-            "bf16_instructions": cpu_multiplies_bf16(),
-            "threads": __import__("torch").get_num_threads(),
-            "commit": commit.stdout.strip(),
-        },
+        "machine": machine(),
         "settings": {"teacher": args.teacher, "eval_quick": args.eval_quick, "set": args.sets},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -415,12 +428,7 @@ def write_unit(args, run: Run, control: Run | None, seconds: dict, commands: lis
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(unit, indent=1))
     if args.git_commit:
-        subprocess.run(["git", "add", str(path)], cwd=REPO, check=True)
-        subprocess.run(
-            ["git", "commit", "-q", "-m", f"quality unit {unit['unit']}: {args.teacher}", "--", str(path)],
-            cwd=REPO,
-            check=True,
-        )
+        commit_result(path, f"quality unit {unit['unit']}: {args.teacher}")
     print(f"[quality] unit {unit['unit']} written to {path}", flush=True)
     return path
 

@@ -27,10 +27,26 @@ def run_losses(name: str, tmp_path: Path) -> tuple[dict, dict]:
     return losses, golden["losses"]
 
 
+# fp32 products round differently on different CPUs (AVX2, AVX-512 and AMX kernels sum in other orders), and a
+# long run amplifies it. The shipped `tiny` run (150 + 300 steps, lr 0.1 then 0.005) on an AMX EPYC: stage
+# attention within 2e-7 for its first 20 steps, 9e-4 by step 150; stage logits, starting from that slightly
+# different student, 9e-3 relative on average and 5.6e-2 at worst (the same to 1e-7 whether the KL is chunked
+# or not). A change in what is computed shows in the first steps of the first stage, held to 1e-5; the rest of
+# a long run is held to the drift's size. The short runs (8 steps a stage) are held to 1e-5 throughout.
+EXACT_STEPS = 20
+DRIFT_MEAN, DRIFT_MAX = 2e-2, 1e-1
+
+
 def assert_same(losses: dict, golden: dict) -> None:
-    for stage, expected in golden.items():
-        assert len(losses[stage]) == len(expected), stage
-        assert losses[stage] == pytest.approx(expected, rel=1e-5, abs=1e-7), stage
+    for position, (stage, expected) in enumerate(golden.items()):
+        got = losses[stage]
+        assert len(got) == len(expected), stage
+        if len(expected) <= EXACT_STEPS or position == 0:
+            head = slice(0, EXACT_STEPS)
+            assert got[head] == pytest.approx(expected[head], rel=1e-5, abs=1e-7), stage
+        if len(expected) > EXACT_STEPS:
+            rel = [abs(a - b) / max(abs(b), 1e-7) for a, b in zip(got, expected)]
+            assert sum(rel) / len(rel) <= DRIFT_MEAN and max(rel) <= DRIFT_MAX, (stage, max(rel))
 
 
 @pytest.mark.parametrize("name", DEFAULT)
