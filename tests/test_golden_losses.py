@@ -28,7 +28,7 @@ def run_losses(name: str, tmp_path: Path) -> tuple[dict, dict]:
 
 
 # fp32 products round differently on different CPUs (AVX2, AVX-512 and AMX kernels sum in other orders), and a
-# long run amplifies it. The shipped `tiny` run (150 + 300 steps, lr 0.1 then 0.005) on an AMX EPYC: stage
+# long run amplifies it. The shipped `tiny` run (150 + 300 steps, lr 0.1 then 0.005) on an AMX Xeon: stage
 # attention within 2e-7 for its first 20 steps, 9e-4 by step 150; stage logits, starting from that slightly
 # different student, 9e-3 relative on average and 5.6e-2 at worst (the same to 1e-7 whether the KL is chunked
 # or not). A change in what is computed shows in the first steps of the first stage, held to 1e-5; the rest of
