@@ -830,6 +830,14 @@ def report(args) -> None:
             "# Conversion quality at equal distillation tokens\n\nNo student unit in `units/` yet"
             + (f" ({len(units)} control unit(s))" if units else "")
             + ": run `benchmarks/quality.py` (see benchmarks/README.md).\n"
+            + "".join(
+                f"\nSee also `{sub}/`: {what}.\n"
+                for sub, what in (
+                    ("ablations", "recipe ablations at equal tokens (benchmarks/ablate.py)"),
+                    ("superseded", "units whose recipe has changed since"),
+                )
+                if (args.results / sub).is_dir()
+            )
         )
         print(f"[quality] no student unit in {args.results / 'units'} yet: quality.md says so")
         return
