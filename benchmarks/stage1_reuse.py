@@ -4,7 +4,7 @@ Stage attention's step is one teacher forward (the capture) plus every converted
 backward on the captured activations; the teacher forward is about half of it on a CPU. Reusing each
 captured batch for `r` optimizer steps trades fresh data for speed. For each `r` in `--reuse`, a fresh
 student (same seed, same recipe) trains for the same wall-clock budget with the recipe's optimizer and
-learning rate (its warmup, then held constant, so that runs of different lengths share one schedule), then
+learning rate (after a short warmup, held constant, so that runs of different lengths share one schedule), then
 its stage-1 loss (sum over layers of MSE to the teacher's attention output) is measured on held-out
 blocks. A table and JSON.
 
@@ -46,7 +46,9 @@ def heldout_loss(aligner, teacher: LiveTeacher, blocks: torch.Tensor, batch: int
     return total / len(starts)
 
 
-def run(recipe, teacher, train: torch.Tensor, heldout: torch.Tensor, reuse: int, seconds: float) -> dict:
+def run(
+    recipe, teacher, train: torch.Tensor, heldout: torch.Tensor, reuse: int, seconds: float, warmup: int
+) -> dict:
     cfg = recipe.stages.attention
     torch.manual_seed(recipe.seed)
     student = swap(teacher, plan_for(recipe.student, teacher.config)).requires_grad_(False)
@@ -54,8 +56,9 @@ def run(recipe, teacher, train: torch.Tensor, heldout: torch.Tensor, reuse: int,
     aligner, _ = attention_stage(student, live)
     params = [p for p in aligner.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # the recipe's warmup, then its learning rate held: the same schedule whatever the number of steps
-    warmup = max(cfg.warmup_steps, 1)
+    # a short warmup, then the recipe's learning rate held: the same schedule whatever the number of steps
+    # (the recipe's own warmup is sized for its thousands of steps, longer than a run here)
+    warmup = max(warmup, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
     steps, captures, began = 0, 0, time.perf_counter()
     captured = None
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=150.0, help="wall-clock budget of each run")
     p.add_argument("--reuse", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--heldout-blocks", type=int, default=16)
+    p.add_argument("--warmup", type=int, default=10, help="optimizer steps of linear warmup")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights and compute")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{len(train)} training blocks, {len(heldout)} held-out blocks of {blocks.shape[1]} tokens",
         flush=True,
     )
-    rows = [run(recipe, teacher, train, heldout, r, args.seconds) for r in args.reuse]
+    rows = [run(recipe, teacher, train, heldout, r, args.seconds, args.warmup) for r in args.reuse]
     print(f"{'reuse':>6}{'steps':>7}{'captures':>10}{'held-out loss':>15}")
     for r in rows:
         print(f"{r['reuse']:>6}{r['steps']:>7}{r['captured_batches']:>10}{r['heldout_loss']:>15.4f}")
@@ -127,6 +131,9 @@ def main(argv: list[str] | None = None) -> None:
             "recipe": args.recipe,
             "teacher": args.teacher,
             "seconds": args.seconds,
+            "batch_size": recipe.stages.attention.batch_size,
+            "lr": recipe.stages.attention.lr,
+            "warmup": args.warmup,
             "dtype": args.dtype,
             "machine": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
