@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality import (  # noqa: E402  (a sibling script, not a package)
     REPO,
-    STAGES,
     budget_label,
     commit_result,
     data_overrides,
@@ -37,6 +36,7 @@ from quality import (  # noqa: E402  (a sibling script, not a package)
     machine,
     parse_budget,
     parse_sets,
+    scaled_stages,
     shown,
 )
 
@@ -68,20 +68,13 @@ def variant_overrides(args, overrides: dict[str, str]) -> tuple[dict[str, str], 
     }
     shipped = load_recipe(args.recipe, common)
     recipe = load_recipe(args.recipe, {**common, **overrides})
-    own = {s: shipped.stage_tokens(s, 1) for s in STAGES}
+    shares = None
     if split is not None:
         share = float(split)
         if not 0 <= share <= 1:
             raise SystemExit(f"split={split}: give stage 1's share of the tokens, between 0 and 1")
-        own = {"attention": share, "logits": 1 - share}
-    stages, tokens = {}, {}
-    for s in STAGES:
-        cfg, ref = getattr(recipe.stages, s), getattr(shipped.stages, s)
-        per_step = cfg.tokens_per_step(1, recipe.data.seq_len)
-        steps = max(1, round(args.budget * own[s] / sum(own.values()) / per_step)) if own[s] else 0
-        warmup = min(steps, round(ref.warmup_steps * steps / ref.steps)) if ref.steps else 0
-        stages[f"stages.{s}.steps"], stages[f"stages.{s}.warmup_steps"] = str(steps), str(warmup)
-        tokens[s] = steps * per_step
+        shares = {"attention": share, "logits": 1 - share}
+    stages, tokens = scaled_stages(recipe, args.budget, shares, reference=shipped)
     common.pop("teacher.path")
     return {**common, **overrides, **stages}, tokens
 

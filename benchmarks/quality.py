@@ -110,18 +110,22 @@ class Run:
         )
 
 
-def scaled_stages(recipe, budget: int) -> tuple[dict[str, str], dict[str, int]]:
-    """Overrides giving `recipe` `budget` distillation tokens in all, split as the recipe splits its own
-    (one process: the benchmark runs `convert` unlaunched), and the tokens each stage then gets."""
+def scaled_stages(
+    recipe, budget: int, shares: dict[str, float] | None = None, reference=None
+) -> tuple[dict[str, str], dict[str, int]]:
+    """Overrides giving `recipe` `budget` distillation tokens in all, split as `reference` (default: `recipe`)
+    splits its own tokens or as `shares` says (one process: the benchmark runs `convert` unlaunched), and the
+    tokens each stage then gets. Warmup keeps `reference`'s fraction of its steps."""
+    reference = reference or recipe
     per_step = {s: getattr(recipe.stages, s).tokens_per_step(1, recipe.data.seq_len) for s in STAGES}
-    own = {s: recipe.stage_tokens(s, 1) for s in STAGES}
+    own = shares or {s: reference.stage_tokens(s, 1) for s in STAGES}
     if not sum(own.values()):
         raise UsageError(f"recipe {recipe.name} trains no stage, so it has no budget to scale")
     overrides, tokens = {}, {}
     for s in STAGES:
-        cfg = getattr(recipe.stages, s)
+        ref = getattr(reference.stages, s)
         steps = max(1, round(budget * own[s] / sum(own.values()) / per_step[s])) if own[s] else 0
-        warmup = min(steps, round(cfg.warmup_steps * steps / cfg.steps)) if cfg.steps else 0
+        warmup = min(steps, round(ref.warmup_steps * steps / ref.steps)) if ref.steps else 0
         overrides[f"stages.{s}.steps"] = str(steps)
         overrides[f"stages.{s}.warmup_steps"] = str(warmup)
         tokens[s] = steps * per_step[s]
