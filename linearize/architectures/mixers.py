@@ -1,8 +1,8 @@
 """Mixers: what sits in `layer.self_attn` of a converted model.
 
 A mixer is built from the teacher's attention module: it takes over its projections, q/k norms and
-attributes (so state-dict keys stay the teacher's), adds its own small parameters, and keeps the
-teacher attention's class to compute softmax attention with the same weights when asked.
+attributes (so state-dict keys stay the teacher's) and adds its own small parameters; softmax attention
+with the same weights (`softmax_forward`) is its own code, not the teacher class's method.
 `forward` has the teacher attention's signature and returns `(output, None)`, so decoder layers are
 untouched.
 
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .feature_maps import FEATURE_MAP_CLASSES
@@ -50,6 +51,28 @@ BRANCHES = ("window_only", "linear_only", "no_attention")
 PAD_SCORE = -30000.0  # softmax score of a padded key: representable in fp16/bf16, e^(PAD_SCORE - m) == 0
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention as transformers' eager implementation computes it: q [B, H, T, D], k/v
+    [B, H_kv, S, D] and an additive [B, 1, T, S] mask in; ([B, T, H, D], weights [B, H, T, S]) out."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = (x.repeat_interleave(groups, dim=1) if groups > 1 else x for x in (key, value))
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
 class Mixer(nn.Module):
     """Base class: owns the teacher attention's submodules and attributes, not the teacher module.
 
@@ -64,11 +87,9 @@ class Mixer(nn.Module):
     def __init__(self, teacher_attn: nn.Module, spec: dict[str, Any]):
         super().__init__()
         if isinstance(teacher_attn, Mixer):
-            self.teacher_cls = teacher_attn.teacher_cls
             children = {n: getattr(teacher_attn, n) for n in teacher_attn.teacher_children}
             attrs = {n: getattr(teacher_attn, n) for n in teacher_attn.teacher_attrs}
         else:
-            self.teacher_cls = type(teacher_attn)
             children = dict(teacher_attn.named_children())
             attrs = {
                 n: v
@@ -207,10 +228,33 @@ class Mixer(nn.Module):
         cache: Cache | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The teacher's attention, computed by its own class with this mixer's weights."""
-        return self.teacher_cls.forward(
-            self, hidden_states, position_embeddings, attention_mask, cache, **kwargs
+        """The teacher's softmax attention with this mixer's weights: q/k norms and RoPE, the KV cache, and
+        the attention function of the model's `attn_implementation` (transformers' registry; eager here).
+
+        Written out rather than borrowed: calling the teacher class's `forward` on this object breaks on
+        transformers releases that wrap attention forwards (5.25's `use_kernelized_func` reads attributes
+        only a real teacher attention has), and exports run on whatever transformers their users have."""
+        batch, seq = hidden_states.shape[:2]
+        q, k, v = (x.transpose(1, 2) for x in self.rotary_qkv(hidden_states, position_embeddings))
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
         )
+        # Qwen2/Qwen3 attention carries its layer's window (None on full layers); Mistral reads its config's
+        window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
+        out, weights = attend(
+            self,
+            q,
+            k,
+            v,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.softmax_scale,
+            sliding_window=window,
+            **kwargs,
+        )
+        return self.o_proj(out.reshape(batch, seq, -1).contiguous()), weights
 
     def attend(
         self,

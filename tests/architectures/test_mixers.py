@@ -4,6 +4,7 @@ it computes a whole sequence, generates through transformers' cache, keeps a fix
 
 import subprocess
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,7 +55,8 @@ def student_of(family, variant, layers="all"):
 def exported(family, variant, tmp_path, layers="all"):
     student, plan = student_of(family, variant, layers)
     tok = AutoTokenizer.from_pretrained(bundled_path("stories260K"))
-    out = export(student, tok, plan, Recipe(), tmp_path / f"{family}-{variant}")
+    plan_name = "" if layers == "all" else "-layers" + "_".join(map(str, layers))
+    out = export(student, tok, plan, Recipe(), tmp_path / f"{family}-{variant}{plan_name}")
     return student, AutoModelForCausalLM.from_pretrained(out).eval(), out
 
 
@@ -121,8 +123,10 @@ def test_cache_of_converted_layers_does_not_grow_with_context(family, variant, t
 
 
 REMOTE = textwrap.dedent("""
-    import importlib.util, sys, torch
+    import importlib.util, os, sys, torch, transformers
     assert importlib.util.find_spec("linearize") is None, "linearize must not be installed in this venv"
+    want = os.environ.get("EXPECT_TRANSFORMERS")
+    assert want in (None, transformers.__version__), f"transformers {transformers.__version__}, not {want}"
     sys.modules["fla"] = None  # and the torch fallback must not need fla
     from transformers import AutoModelForCausalLM
     for folder in sys.argv[1:]:
@@ -132,14 +136,20 @@ REMOTE = textwrap.dedent("""
         with torch.no_grad():
             logits = model(seq, use_cache=False).logits
             assert torch.equal(seq[0, 13:], logits[0, 12:-1].argmax(-1)), folder
-            torch.save((ids, model(ids, use_cache=False).logits), folder + "/remote_logits.pt")
+            # scoring: the mean next-token loss of a batch with a left-padded row
+            batch = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+            mask = torch.ones_like(batch)
+            mask[1, :5] = 0
+            loss = model(batch, attention_mask=mask, labels=batch.masked_fill(mask == 0, -100)).loss
+            assert torch.isfinite(loss), folder
+            torch.save((ids, model(ids, use_cache=False).logits, loss), folder + "/remote_logits.pt")
 """)
 
 
-def bare_venv(root):
+def bare_venv(root, first=()):
     """A virtualenv that sees this environment's torch and transformers but not linearize: its .pth adds
     our site-packages to sys.path without processing the .pth files inside it, and the editable install of
-    linearize lives in exactly such a .pth file."""
+    linearize lives in exactly such a .pth file. Folders in `first` come before ours (another transformers)."""
     import site
     import venv
     from pathlib import Path
@@ -152,33 +162,91 @@ def bare_venv(root):
         text=True,
         check=True,
     ).stdout.strip()
-    (Path(target) / "parent_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    paths = [*map(str, first), *site.getsitepackages()]
+    (Path(target) / "parent_env.pth").write_text("\n".join(paths) + "\n")
     return python
 
 
-def test_every_mixer_and_family_loads_with_remote_code_in_a_venv_without_linearize(tmp_path):
+def exports_load_without_linearize(tmp_path, cases, python, env=()):
+    """Export each (family, variant, layers), then load, generate and score every export with `python` (a
+    venv without linearize): greedy generation with the cache is the argmax of the full forward, and the
+    logits equal the in-process student's."""
     from transformers.dynamic_module_utils import get_imports
 
     students, folders = [], []
-    for i, (family, variant) in enumerate((f, v) for f in FAMILIES for v in VARIANTS):
-        student, _, out = exported(family, variant, tmp_path, layers=[1] if i % 2 else "all")
+    for family, variant, layers in cases:
+        student, _, out = exported(family, variant, tmp_path, layers=layers)
         students.append(student)
         folders.append(str(out))
     for name in (p.name for p in out.iterdir() if p.suffix == ".py"):
         assert not {"linearize", "fla", "triton"} & set(get_imports(out / name)) or name == "ops.py", name
-    python = bare_venv(tmp_path / "venv")
     script = tmp_path / "remote.py"
     script.write_text(REMOTE)
-    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": ""}
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "", **dict(env)}
     proc = subprocess.run(
         [python, str(script), *folders], capture_output=True, text=True, env=env, cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for student, folder in zip(students, folders):
-        ids, logits = torch.load(f"{folder}/remote_logits.pt")
+        ids, logits, _ = torch.load(f"{folder}/remote_logits.pt")
         with torch.no_grad():
             expected = student(ids).logits
         assert (logits - expected).abs().max().item() <= 1e-5, folder
+
+
+def test_every_mixer_and_family_loads_with_remote_code_in_a_venv_without_linearize(tmp_path):
+    cases = [
+        (family, variant, [1] if i % 2 else "all")
+        for i, (family, variant) in enumerate((f, v) for f in FAMILIES for v in VARIANTS)
+    ]
+    exports_load_without_linearize(tmp_path, cases, bare_venv(tmp_path / "venv"))
+
+
+def newest_transformers() -> tuple[str, Path]:
+    """The newest transformers release on the package registry, pip-installed (with its dependencies, not
+    torch) into a folder kept per version under ~/.cache/linearize-tests; skips, saying so, when the
+    registry cannot be reached."""
+    import os
+    import re
+    import shutil
+    import sys
+
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--timeout", "30", "--retries", "1"]
+    probe = subprocess.run([*pip, "index", "versions", "transformers"], capture_output=True, text=True)
+    found = re.search(r"^transformers \(([^)]+)\)", probe.stdout, re.M)
+    if probe.returncode or not found:
+        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"package registry unreachable, the newest-transformers export check did NOT run: {last}")
+    version = found.group(1)
+    root = Path(os.environ.get("LINEARIZE_TEST_CACHE", Path.home() / ".cache" / "linearize-tests"))
+    folder = root / f"transformers-{version}"
+    if not (folder / "COMPLETE").exists():
+        partial = root / f".transformers-{version}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        proc = subprocess.run(
+            [*pip, "install", "--quiet", "--target", str(partial), f"transformers=={version}"],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode and re.search(r"connection|Could not fetch|Max retries", proc.stderr, re.I):
+            pytest.skip(f"package registry unreachable while installing transformers {version}: NOT run")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert not (partial / "torch").exists(), "transformers pulled in a torch of its own"
+        (partial / "COMPLETE").write_text(version)
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
+    return version, folder
+
+
+def test_exports_load_generate_and_score_on_the_newest_transformers_release(tmp_path):
+    """Users load exports with the transformers they have, not our pin: every mixer (each in another family)
+    and a hybrid plan of every family (softmax layer kept) load, generate and score on the newest release,
+    in a venv without linearize, to the logits they have here."""
+    version, site = newest_transformers()
+    cases = [(FAMILIES[i % len(FAMILIES)], v, "all") for i, v in enumerate(VARIANTS)]
+    cases += [(f, "window_linear" if i % 2 else "linear", [1]) for i, f in enumerate(FAMILIES)]
+    python = bare_venv(tmp_path / "venv", first=[site])
+    exports_load_without_linearize(tmp_path, cases, python, env={"EXPECT_TRANSFORMERS": version})
 
 
 # Stage-1 settings per mixer: (student fields, lr, steps). The purely recurrent mixers (linear, gated,
@@ -224,14 +292,18 @@ def test_attention_stage_halves_the_alignment_loss_on_the_bundled_teacher(varian
     assert last <= 0.5 * first, (first, last, last / first)
 
 
-def test_keep_softmax_restores_the_teacher_layer(family):
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_keep_softmax_restores_the_teacher_layer(family, implementation):
     """What an auto:N plan does after stage 1: a converted layer turned back into softmax computes the
-    teacher's attention again, without the mixer's new parameters."""
+    teacher's attention again (with its own code, under either attention implementation), without the
+    mixer's new parameters."""
     teacher = tiny_model(family)
+    teacher.config._attn_implementation = implementation
     ids = torch.randint(0, 512, (1, 30))
     with torch.no_grad():
         expected = teacher(ids).logits
     student, _ = student_of(family, "gated_window")
+    student.config._attn_implementation = implementation
     keep_softmax(student.model.layers, [0, 1, 2])
     assert all(type(layer.self_attn) is SoftmaxMixer for layer in student.model.layers)
     assert not any(m.new_parameter_names() for m in mixers(student))
