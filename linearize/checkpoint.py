@@ -13,7 +13,19 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from linearize.errors import LinearizeError
+
 MARKER = "COMPLETE"
+
+
+class SaveError(LinearizeError):
+    """A folder could not be written (full disk, quota, lost mount); `reason` says why in words."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -42,17 +54,45 @@ def write_atomic(
     barrier()
     try:
         write(tmp)
-    except BaseException:
+        barrier()
+        if is_main:
+            (tmp / MARKER).write_text(json.dumps(info or {}, indent=1))
+    except BaseException as err:
         if is_main:  # no half-written folder is left behind (it would never be resumed from anyway)
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    barrier()
+        reason = write_failure(err, target) if isinstance(err, Exception) else None
+        if reason is None:
+            raise
+        raise SaveError(
+            f"could not write {target}: {reason}; what was saved before is intact: free space and rerun the same "
+            "command to resume",
+            reason,
+        ) from None
     if is_main:
-        (tmp / MARKER).write_text(json.dumps(info or {}, indent=1))
         if target.exists():  # an older complete copy of the same step (e.g. a replay after resume)
             shutil.rmtree(target)
         tmp.rename(target)
     barrier()
+
+
+def write_failure(err: BaseException, where: Path) -> str | None:
+    """Why a save failed, in words ("the disk is full (12 MB free)"), when `err` is a failed write; None for
+    any other error. A full disk reaches us as OSError from plain writes, `RuntimeError: ... unexpected pos
+    ...` from torch.save's zip writer and `SafetensorError: ... No space left on device` from safetensors."""
+    import errno
+
+    write_error = isinstance(err, OSError) or re.search(
+        r"unexpected pos|PytorchStreamWriter|No space left|Disk quota|I/O error|os error \d+", str(err)
+    )
+    if not write_error:
+        return None
+    existing = where
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < 64 * 2**20:
+        return f"the disk is full ({free / 2**20:.0f} MB free under {existing})"
+    return getattr(err, "strerror", None) or str(err).splitlines()[0]
 
 
 def step_dir(root: Path, step: int) -> Path:

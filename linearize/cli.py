@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: linearize <command> [recipe=NAME|path.yaml] [key=value ...]
+USAGE = """usage: linearize [-v] <command> [recipe=NAME|path.yaml] [key=value ...]
+
+  -v, --verbose  print the memory estimate's parts (weights, gradients, optimizer, activations, ...)
 
 commands:
   convert     run the whole pipeline (stages attention and logits, evaluation, export)
@@ -16,7 +18,8 @@ commands:
   accelerate-config NAME
               print the path of a shipped accelerate config (ddp, fsdp2, zero2, zero3, multinode-fsdp2)
   recipes     list the shipped recipes
-  options     list every recipe key with its default and meaning
+  options     every recipe key with the value it runs with, its choices and meaning:
+              linearize options [recipe=NAME] [key=value ...]
   eval        evaluate a converted model next to its teacher: one report (markdown, PNG plots, JSON)
               linearize eval model=<folder> [teacher=<path|hub id>] [tasks=ppl,recall,cloze,speed,controls,
               lm_eval:<task>] [out=<folder>] [<setting>=<value> ...]
@@ -38,9 +41,9 @@ def parse_pairs(args: list[str]) -> dict[str, str]:
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep or not key:
-            raise SystemExit(f"error: expected key=value, got {arg!r}\n\n{USAGE}")
+            raise SystemExit(f"error: expected key=value, got {arg!r}; `linearize help` lists the commands")
         if key in pairs:
-            raise SystemExit(f"error: {key} is given twice")
+            raise SystemExit(f"error: {key} is given twice; give it once")
         pairs[key] = value
     return pairs
 
@@ -55,11 +58,25 @@ def cmd_recipes(_: dict[str, str]) -> None:
         print(f"{name:<32}{description}")
 
 
-def cmd_options(_: dict[str, str]) -> None:
-    from linearize.config import describe
+def cmd_options(pairs: dict[str, str]) -> None:
+    """Every recipe key with the value the chosen recipe (and overrides) runs with, its choices and meaning."""
+    import textwrap
 
-    for key, default, doc in describe():
-        print(f"{key:<36}{default:<24}{doc}")
+    from linearize.config import load_recipe, options
+
+    recipe = load_recipe(pairs.pop("recipe", None), pairs)
+    rows = options(recipe)
+    shown = [(key, repr(value) if isinstance(value, str) else str(value)) for key, value, _, _ in rows]
+    key_width = max(len(k) for k, _ in shown) + 2
+    value_width = min(max(len(v) for _, v in shown), 28) + 2
+    print(f"recipe {recipe.name}: the value of every key it runs with (change one with key=value)\n")
+    for (key, value), (_, _, choices, doc) in zip(shown, rows):
+        line = f"{key:<{key_width}}{value:<{value_width}}"
+        if choices:
+            line += f"choices: {', '.join(choices)}"
+        print(line.rstrip())
+        for part in textwrap.wrap(doc, 110 - key_width):
+            print(" " * key_width + part)
 
 
 def cmd_convert(pairs: dict[str, str]) -> None:
@@ -116,32 +133,25 @@ def cmd_accelerate_config(pairs: dict[str, str]) -> None:
 
 def cmd_eval(pairs: dict[str, str]) -> None:
     from linearize.evals import EvalError
+    from linearize.evals.harness import EvalSettings, evaluate
 
-    try:
-        from linearize.evals.harness import EvalSettings, evaluate
-
-        if "model" not in pairs:
-            raise EvalError("eval needs model=<folder of a converted checkpoint>")
-        model = pairs.pop("model")
-        teacher = pairs.pop("teacher", None)
-        out = pairs.pop("out", None)
-        tasks = [t for t in pairs.pop("tasks", "ppl,recall,cloze,speed,controls").split(",") if t]
-        results = evaluate(model, tasks, out=out, teacher=teacher, settings=EvalSettings.from_pairs(pairs))
-    except EvalError as err:
-        raise SystemExit(f"error: {err}") from None
+    if "model" not in pairs:
+        raise EvalError("eval needs model=<folder of a converted checkpoint>")
+    model = pairs.pop("model")
+    teacher = pairs.pop("teacher", None)
+    out = pairs.pop("out", None)
+    tasks = [t for t in pairs.pop("tasks", "ppl,recall,cloze,speed,controls").split(",") if t]
+    results = evaluate(model, tasks, out=out, teacher=teacher, settings=EvalSettings.from_pairs(pairs))
     print(f"report written to {results['info']['report']}/report.md")
 
 
 def cmd_publish(pairs: dict[str, str]) -> None:
     from linearize.convert.publish import PublishError, PublishSettings, publish
 
-    try:
-        folder = pairs.pop("folder", None) or pairs.pop("model", None)
-        if not folder:
-            raise PublishError("publish needs the exported folder: linearize publish <folder> repo=org/name")
-        publish(folder, PublishSettings.from_pairs(pairs))
-    except PublishError as err:
-        raise SystemExit(f"error: {err}") from None
+    folder = pairs.pop("folder", None) or pairs.pop("model", None)
+    if not folder:
+        raise PublishError("publish needs the exported folder: linearize publish <folder> repo=org/name")
+    publish(folder, PublishSettings.from_pairs(pairs))
 
 
 COMMANDS = {
@@ -158,6 +168,11 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if "-v" in argv or "--verbose" in argv:  # the memory estimate's parts (read by linearize.distill.memory)
+        import os
+
+        os.environ["LINEARIZE_VERBOSE"] = "1"
+        argv = [a for a in argv if a not in ("-v", "--verbose")]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
@@ -167,9 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     from linearize.host import keep_freed_memory
 
     keep_freed_memory()  # before any tensor: freed activations are reused instead of page-faulted afresh
-    from linearize.config import RecipeError
-    from linearize.convert.teachers import TeacherError
-    from linearize.data import DataError
+    from linearize.errors import Interrupted, LinearizeError
 
     if command == "publish" and rest and "=" not in rest[0]:  # linearize publish <folder> key=value ...
         rest = [f"folder={rest[0]}", *rest[1:]]
@@ -177,5 +190,24 @@ def main(argv: list[str] | None = None) -> None:
         rest = [f"name={rest[0] if rest else ''}"]
     try:
         COMMANDS[command](parse_pairs(rest))
-    except (RecipeError, TeacherError, DataError) as err:
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which says its step itself)
+        err = Interrupted(
+            f"interrupted (Ctrl-C) during linearize {command}; rerun the same command to resume: finished "
+            "stages and complete checkpoints are kept"
+        )
+        fail(err)
+    except LinearizeError as err:
+        fail(err)
+    except BrokenPipeError:  # `linearize options | head`: the reader left; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def fail(err: Exception) -> None:
+    """Exit with the error's one-line message (no traceback) and its exit status (1, or 130 for Ctrl-C)."""
+    status = getattr(err, "exit_status", 1)
+    if status == 1:  # SystemExit with a message prints it to stderr and exits with status 1
         raise SystemExit(f"error: {err}") from None
+    print(f"error: {err}", file=sys.stderr, flush=True)
+    raise SystemExit(status) from None

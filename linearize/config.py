@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from linearize.assets import package_folder
+from linearize.errors import LinearizeError
 from linearize.registry import (
     EVAL_TASKS,
     FEATURE_MAPS,
@@ -36,7 +37,7 @@ from linearize.registry import (
 Settings = typing.TypeVar("Settings")
 
 
-class RecipeError(ValueError):
+class RecipeError(LinearizeError, ValueError):
     """A recipe that cannot run: the message names the field and what would be valid."""
 
 
@@ -213,6 +214,13 @@ class StudentConfig:
     impl: Literal["auto", "chunked", "reference", "fla", "triton"] = "auto"
     """Kernel form of the mixers' ops: `auto` picks Triton/fla on CUDA and chunked torch elsewhere; the
     others force one (the step-by-step `reference` is for debugging; an op without that form refuses)."""
+
+    @property
+    def softmax_window(self) -> int | None:
+        """The softmax window of a mixer that has one (window_linear; gated with gated_window), else None."""
+        if self.mixer == "window_linear" or (self.mixer == "gated" and self.settings.gated_window):
+            return self.settings.window
+        return None
 
     def __post_init__(self) -> None:
         _check_choice("student.mixer", self.mixer, sorted(MIXERS))
@@ -598,6 +606,24 @@ class Recipe:
     """The launch the recipe was sized for: accelerate config, processes, nodes, hardware."""
 
     def __post_init__(self) -> None:
+        if (
+            not self.name
+            or self.name in (".", "..")
+            or any(c in self.name for c in "/\\")
+            or "\0" in self.name
+        ):
+            raise RecipeError(
+                f"name={self.name!r} must be a plain folder name (no '/', '\\' or '..'): the run goes to "
+                "out/<name>; to write somewhere else set output_dir=<folder>"
+            )
+        window = self.student.softmax_window
+        if window is not None and window >= self.data.seq_len:
+            raise RecipeError(
+                f"student.settings.window={window} >= data.seq_len={self.data.seq_len}: every training token "
+                f"would see all of its context through the softmax window, so the {self.student.mixer} "
+                "student would train as plain softmax attention and its linear part not at all; set "
+                f"student.settings.window below {self.data.seq_len} (or raise data.seq_len)"
+            )
         if self.data.streaming and self.stages.logits.cache_k:
             raise RecipeError(
                 "stages.logits.cache_k needs the training blocks up front (data.streaming=false): the cache is "
@@ -627,8 +653,11 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def hash(self) -> str:
-        """Short hash of the resolved recipe, recorded in exported weights' metadata."""
-        return hashlib.sha256(self.to_yaml().encode()).hexdigest()[:16]
+        """Short hash of the resolved recipe, recorded in exported weights' metadata. `output_dir` is left
+        out: where a run is written does not change what it computes, and the same run in two folders must
+        write byte-identical weight files."""
+        what = {k: v for k, v in self.to_dict().items() if k != "output_dir"}
+        return hashlib.sha256(yaml.safe_dump(what, sort_keys=False).encode()).hexdigest()[:16]
 
 
 def _check_choice(name: str, value: str, choices: list[str]) -> None:
@@ -838,9 +867,19 @@ def load_recipe(name_or_path: str | None = None, overrides: dict[str, str] | Non
         raise RecipeError(
             f"unknown recipe {name_or_path!r}; shipped recipes: {', '.join(sorted(shipped))} (or a .yaml path)"
         )
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise RecipeError(f"recipe file {path} is not valid YAML{at} ({problem}): fix that line") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"cannot read recipe file {path}: {err}") from None
     if not isinstance(data, dict):
-        raise RecipeError(f"{path} must hold a mapping of recipe keys")
+        raise RecipeError(
+            f"{path} must hold a mapping of recipe keys (key: value lines), not a {type(data).__name__}"
+        )
     return parse_pairs_into(Recipe, overrides or {}, base=data)
 
 
@@ -858,6 +897,35 @@ def describe(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str]]
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             rows.append((key, repr(default), docs.get(f.name, "")))
+    return rows
+
+
+CHOICES: dict[str, list[str]] = {
+    "student.mixer": sorted(MIXERS),
+    "student.settings.feature_map": sorted(FEATURE_MAPS),
+    "data.sampling.chat": ["auto", "always", "never"],
+}
+"""The choices of string fields checked against a list (Literal-typed fields carry theirs in the type)."""
+
+
+def options(recipe: Recipe) -> list[tuple[str, Any, list[str], str]]:
+    """(dotted key, the value `recipe` runs with, its choices or [], docstring) of every field; under
+    student.settings, the fields of the recipe's own mixer."""
+    rows = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        cls = type(obj)
+        docs, hints = field_docs(cls), typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, key + ".")
+                continue
+            tp = hints[f.name]
+            choices = [str(c) for c in typing.get_args(tp)] if typing.get_origin(tp) is Literal else []
+            rows.append((key, value, choices or CHOICES.get(key, []), docs.get(f.name, "")))
+
+    walk(recipe, "")
     return rows
 
 

@@ -19,6 +19,7 @@ import torch
 
 from linearize.assets import resolve_bundled
 from linearize.config import DataConfig
+from linearize.errors import LinearizeError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -28,7 +29,7 @@ PREVIEW_BLOCKS = 16  # blocks read from the head of a stream for the layer ranki
 _FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(LinearizeError, ValueError):
     """Missing, unreadable or empty data: the message names the source and the fix."""
 
 
@@ -54,10 +55,34 @@ def _split_documents(batch: dict, separator: str) -> dict:
     return {"text": docs}
 
 
+def check_utf8(path: Path, chunk: int = 1 << 20) -> None:
+    """Refuse a text or JSON file that is not UTF-8, naming the byte offset (datasets would raise from deep
+    inside its builder)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as f:
+        while True:
+            data = f.read(chunk)
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as err:
+                at = offset - (len(err.object) - len(data)) + err.start  # err.object: held-over bytes + data
+                raise DataError(
+                    f"data file {path} is not UTF-8 text: byte 0x{err.object[err.start]:02x} at offset {at} "
+                    f"({err.reason}); convert it, e.g. `iconv -f latin1 -t utf-8`, or leave it out of the data"
+                ) from None
+            if not data:
+                return
+            offset += len(data)
+
+
 def _open(source: str, text_field: str, separator: str, streaming: bool = False):
     """One source as a `datasets` (Iterable)Dataset with a `text_field` column of documents."""
     import datasets
 
+    datasets.disable_progress_bars()  # split and map bars of a local file say nothing to the user
     if source.startswith(HUB_PREFIX):
         name = source[len(HUB_PREFIX) :]
         try:
@@ -75,6 +100,8 @@ def _open(source: str, text_field: str, separator: str, streaming: bool = False)
             raise DataError(
                 f"data file {path}: unknown format {path.suffix!r}; use one of {', '.join(_FORMATS)}"
             )
+        if fmt in ("text", "json"):
+            check_utf8(path)
         kwargs = {"sample_by": "document"} if fmt == "text" else {}
         ds = datasets.load_dataset(fmt, data_files=str(path), split="train", streaming=streaming, **kwargs)
         if fmt == "text":  # one document per separator-delimited part, in the column the recipe names

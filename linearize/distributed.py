@@ -397,6 +397,20 @@ def _truthy(value: Any) -> bool:
 COLLECTIVE_TIMEOUT_MINUTES = 60
 
 
+def quiet_tied_weights_warning() -> None:
+    """Drop accelerate's "Removed shared tensor {'...lm_head.weight'} while saving. This should be OK" at every
+    checkpoint: a model with tied input and output embeddings shares that tensor by design, and the resume
+    tests check that a checkpoint reloads to the same weights."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in str(record.msg)  # accelerate prefixes "[RANK n] "
+
+    logger = logging.getLogger("accelerate.utils.other")
+    if not any(getattr(f, "__name__", "") == keep.__name__ for f in logger.filters):
+        logger.addFilter(keep)
+
+
 def make_accelerator(recipe: Recipe) -> Accelerator:
     from datetime import timedelta
 
@@ -411,6 +425,7 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=COLLECTIVE_TIMEOUT_MINUTES))],
     )
+    quiet_tied_weights_warning()
     if accelerator.distributed_type.value == "FSDP" and not accelerator.is_fsdp2:
         raise RecipeError(
             "FSDP1 (fsdp_version: 1) is not supported: set fsdp_version: 2 in the accelerate config, or use "

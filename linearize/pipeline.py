@@ -7,6 +7,7 @@ resumes an interrupted one from its newest complete checkpoint, and reuses evalu
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from linearize.architectures.mixers import keep_softmax
 from linearize.config import Recipe, RecipeError, load_recipe
 from linearize.convert.export import export, hardware
 from linearize.convert.swap import Plan, plan_for, swap
-from linearize.convert.teachers import load_teacher
+from linearize.convert.teachers import load_teacher, read_config
 from linearize.data import Splits, StreamedBlocks, build_splits
 from linearize.distill.logit_cache import LogitCache, write_logit_cache
 from linearize.distill.loop import MetricsLog, train_stage
@@ -38,10 +39,19 @@ from linearize.distill.stages import (
 )
 from linearize.distill.teacher import CachedTeacher, LiveTeacher
 from linearize.distributed import Placement, ShardedStudent, WholeStudent
+from linearize.evals.context import sliding_window_mask
 from linearize.evals.harness import EvalSettings, evaluate
 from linearize.evals.perplexity import perplexity
 
 STAGES = ("attention", "logits")
+BASELINE_WINDOW, SINKS = 64, 4  # the zero-training baseline's window (the student's own, if it has one)
+REPORT_NAMES = {
+    "sliding_window": f"teacher, sliding window + {SINKS} sinks, no training",
+    "student_untrained": "student, untrained",
+    "student_after_attention": "student after stage attention",
+    "student_after_logits": "student after stage logits",
+    "student_after_layer_plan": "student after the layer plan",
+}
 
 
 class EvalLog:
@@ -87,9 +97,31 @@ def recipe_differences(saved: Path, recipe: Recipe) -> list[str]:
     return list(walk(before, now, ""))
 
 
+def check_writable(run_dir: Path) -> None:
+    """Refuse a run folder that cannot be created or written (a file in its place, a read-only file system,
+    no permission), before any work: a probe file is created and removed in its nearest existing folder."""
+    import tempfile
+
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "output_dir" if existing == run_dir else f"output_dir {run_dir}: its parent"
+        raise RecipeError(f"{what} {existing} is a file, not a folder; set output_dir=<a folder path>")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise RecipeError(
+            f"cannot write the run folder {run_dir}: {existing} is not writable ({err.strerror or err}); "
+            "set output_dir=<a writable folder>"
+        ) from None
+
+
 def check_run_dir(recipe: Recipe) -> Path:
-    """Refuse a run folder that holds a run of another recipe (nothing is written here)."""
+    """Refuse a run folder that cannot be written or holds a run of another recipe (nothing is written)."""
     run_dir = recipe.run_dir
+    check_writable(run_dir)
     saved = run_dir / "recipe.yaml"
     differences = recipe_differences(saved, recipe) if saved.is_file() else []
     if differences:
@@ -154,21 +186,31 @@ class Run:
     teacher_sample: str = ""
     tokens: dict[str, int] = field(default_factory=dict)
 
-    def evaluate(self, name: str, model: Callable[[], nn.Module]) -> None:
-        """Held-out perplexity of `model()` recorded as `name` in eval.json, once (a resumed run reuses it)."""
-        if self.splits.heldout:
-            eval_cfg = self.recipe.eval
-            self.evals.get(
-                name,
-                lambda: perplexity(
-                    model(),
-                    self.splits.heldout,
-                    eval_cfg.seq_len,
-                    eval_cfg.batch_size,
-                    eval_cfg.max_blocks,
-                    split=self.placement.sharded,
-                ),
-            )
+    def evaluate(
+        self, name: str, model: Callable[[], nn.Module], mask: Callable[..., torch.Tensor] | None = None
+    ) -> None:
+        """Held-out perplexity of `model()` (under attention `mask`, if given) recorded as `name` in eval.json
+        once (a resumed run reuses it), and printed as soon as it is known."""
+        if not self.splits.heldout:
+            return
+        eval_cfg = self.recipe.eval
+        result = self.evals.get(
+            name,
+            lambda: perplexity(
+                model(),
+                self.splits.heldout,
+                eval_cfg.seq_len,
+                eval_cfg.batch_size,
+                eval_cfg.max_blocks,
+                split=self.placement.sharded,
+                mask=mask,
+            ),
+        )
+        teacher = self.evals.results.get("teacher", result)["ppl"]
+        self.placement.print(
+            f"[eval] held-out perplexity, {REPORT_NAMES.get(name, name)}: {result['ppl']:.3f} "
+            f"({result['ppl'] / teacher:.2f}x teacher)"
+        )
 
 
 def convert(recipe: Recipe, only: str | None = None) -> Path:
@@ -218,6 +260,7 @@ def load(recipe: Recipe, placement: Placement, only: str | None) -> Run:
     note = host.slow_bf16_note(placement.device.type, recipe.teacher.dtype, recipe.train.precision)
     if note:
         placement.print(note)
+    check_context(recipe, read_config(recipe.teacher.path))
     teacher, tokenizer = placement.load_teacher(load_teacher, recipe.teacher.path, recipe.teacher.dtype)
     plan = plan_for(recipe.student, teacher.config)
     # The memory estimate of every stage about to run, refused here when one would not fit the device.
@@ -249,6 +292,17 @@ def load(recipe: Recipe, placement: Placement, only: str | None) -> Run:
         prompt=sample_prompt(splits),
         teacher=teacher,
     )
+
+
+def check_context(recipe: Recipe, config: Any) -> None:
+    """Refuse training blocks longer than the teacher's context: its positions beyond were never trained,
+    so the teacher signal there is not the teacher's."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and recipe.data.seq_len > limit:
+        raise RecipeError(
+            f"data.seq_len={recipe.data.seq_len} exceeds the teacher's context (max_position_embeddings={limit} "
+            f"in {recipe.teacher.path}); set data.seq_len={limit} or less"
+        )
 
 
 def check_epochs(recipe: Recipe, splits: Splits, stages: list[str], placement: Placement) -> None:
@@ -286,6 +340,12 @@ def evaluate_teacher(run: Run) -> None:
     logits_done = checkpoint.is_complete(run.run_dir / "logits" / "final")
     teacher = placement.evaluated_teacher(run.teacher)
     run.evaluate("teacher", lambda: teacher)
+    window = recipe.student.softmax_window or BASELINE_WINDOW
+    run.evaluate(
+        "sliding_window",
+        lambda: teacher,
+        mask=functools.partial(sliding_window_mask, window=window, sinks=SINKS),
+    )
     run.teacher_sample = greedy_sample(teacher, run.tokenizer, run.prompt, synced=placement.sharded)
     if cfg.cache_k and cfg.steps and run.only != "attention" and not logits_done:
         run.cache = teacher_logit_cache(teacher, run.splits.train, recipe, run.run_dir, placement)
@@ -492,9 +552,11 @@ def greedy_sample(
 
 
 def print_report(results: dict, out: Callable[[str], None] = print) -> None:
+    """The held-out perplexities of the run, each next to the teacher's."""
     if "teacher" not in results:
         return
     base = results["teacher"]["ppl"]
-    out(f"{'held-out perplexity':<28}{'ppl':>10}{'x teacher':>12}")
+    width = max(len(REPORT_NAMES.get(n, n)) for n in results) + 2
+    out(f"{'held-out perplexity':<{width}}{'ppl':>10}{'x teacher':>12}")
     for name, r in results.items():
-        out(f"{name:<28}{r['ppl']:>10.3f}{r['ppl'] / base:>12.2f}")
+        out(f"{REPORT_NAMES.get(name, name):<{width}}{r['ppl']:>10.3f}{r['ppl'] / base:>12.2f}")

@@ -14,7 +14,9 @@ def write_ckpt(root, step, fail=False):
 
 def test_incomplete_folder_is_ignored_and_failed_save_keeps_older(tmp_path):
     write_ckpt(tmp_path, 10)
-    with pytest.raises(OSError):
+    with pytest.raises(
+        checkpoint.SaveError, match=r"could not write .*step-00000020: No space left on device"
+    ):
         write_ckpt(tmp_path, 20, fail=True)
     assert checkpoint.latest(tmp_path)[0] == 10
     (tmp_path / "step-00000030").mkdir()  # a folder without the marker, as left by a kill

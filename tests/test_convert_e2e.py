@@ -24,9 +24,20 @@ def test_default_convert_end_to_end(tmp_path):
     wall = time.perf_counter() - began
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(proc.stdout, f"wall {wall:.0f}s")
-    for name in ("teacher", "student_untrained", "student_after_attention", "student_after_logits"):
-        assert name in proc.stdout
+    out = proc.stdout
+    # each held-out perplexity is printed as soon as it is measured, and the final table has the baseline
+    for name, before in (
+        ("teacher", "[attention] done"),
+        ("teacher, sliding window + 4 sinks, no training", "[attention] done"),
+        ("student, untrained", "[attention] done"),
+        ("student after stage attention", "[logits] done"),
+        ("student after stage logits", "held-out perplexity "),
+    ):
+        assert out.index(f"[eval] held-out perplexity, {name}: ") < out.index(before), name
+        assert f"\n{name}  " in out  # a row of the final table
+    assert "Removed shared tensor" not in proc.stderr and "Generating train split" not in proc.stderr
     results = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert results["sliding_window"]["ppl"] < results["student_untrained"]["ppl"]
     teacher, trained = results["teacher"]["ppl"], results["student_after_logits"]["ppl"]
     assert results["student_untrained"]["ppl"] > 4 * teacher  # the swap alone is far off
     assert trained <= 2.5 * teacher, results

@@ -15,7 +15,7 @@ PACKAGE = Path(linearize.__file__).parent
 # The layers, lowest first: config → kernels → architectures → distributed → data → convert → distill → evals →
 # the orchestrator and the CLI.
 LAYERS = [
-    ["linearize.assets", "linearize.host", "linearize.registry"],
+    ["linearize.assets", "linearize.errors", "linearize.host", "linearize.registry"],
     ["linearize.config"],
     ["linearize.checkpoint"],
     ["linearize.kernels"],

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import linearize
 from linearize.config import MIXER_SETTINGS
+from linearize.errors import LinearizeError
 
 
-class CardError(ValueError):
+class CardError(LinearizeError, ValueError):
     """A model card that the Hub would reject or that lacks what linearize promises in it."""
 
 

@@ -92,6 +92,20 @@ def hardware(num_processes: int = 1, device: torch.device | None = None) -> str:
     return f"{num_processes} x CPU {cpu}, {torch.get_num_threads()} threads"
 
 
+def sort_header(path: Path) -> None:
+    """Rewrite a safetensors file's JSON header with its keys sorted, in place (padded with spaces to its
+    length, so no data moves). safetensors writes the metadata in hash-map order, which differs from run to
+    run: sorted, the same weights make the same bytes whatever process wrote them."""
+    with path.open("r+b") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(canonical) > length:  # cannot happen for a header safetensors wrote compactly; leave it be
+            return
+        f.seek(8)
+        f.write(canonical + b" " * (length - len(canonical)))
+
+
 def export(
     student: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -141,6 +155,7 @@ def export(
         )
         for shard in tmp.glob("*.safetensors"):  # written through a private temp file: make them readable
             shard.chmod(0o644)
+            sort_header(shard)
         tokenizer.save_pretrained(tmp)
         write_code(tmp)
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())

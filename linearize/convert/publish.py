@@ -27,6 +27,7 @@ from linearize.convert import checkpoint_check
 from linearize.convert.card import CardError, check_card, model_card, read_report
 from linearize.convert.export import MAX_SHARD_SIZE, file_digests
 from linearize.convert.teachers import resolve_path
+from linearize.errors import LinearizeError
 
 MODES = ("full", "deltas")
 REQUIRED = ("config.json", "recipe.yaml", "fingerprint.json", "conversion.json")
@@ -36,7 +37,7 @@ PROBED = 3  # largest unchanged base tensors whose sums a deltas checkpoint reco
 CHECK_TIMEOUT_S = 3600  # loading a 70B checkpoint on CPU in a fresh process is slow, but not this slow
 
 
-class PublishError(RuntimeError):
+class PublishError(LinearizeError, RuntimeError):
     """A check failed or the upload did not happen; the message says which and what to do."""
 
 

@@ -1,8 +1,8 @@
 """Teacher families: one small adapter per `config.model_type`, and teacher loading.
 
-The mixers compute the teacher's softmax attention with the family's own attention class, so an
-adapter only has to say what the family has that matters to conversion, and to check that a config
-is one we can convert before any weights are loaded.
+The mixers take over the teacher attention's own modules and attributes, so an adapter only has to say
+what the family has that matters to conversion, and to check that a config is one we can convert before
+any weights are loaded.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING
 
 from linearize.assets import BUNDLED_PREFIX, resolve_bundled
 from linearize.distributed import load_empty
+from linearize.errors import LinearizeError
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
-class TeacherError(ValueError):
+class TeacherError(LinearizeError, ValueError):
     """A teacher that cannot be converted: the message says why and what is supported."""
 
 
@@ -74,14 +75,46 @@ def resolve_path(path: str) -> str:
         return resolve_bundled(path)
     local = Path(path).expanduser()
     if local.exists():
-        if not (local / "config.json").is_file():
-            raise TeacherError(
-                f"teacher folder {local} has no config.json: is it a Hugging Face model folder?"
-            )
+        check_folder(local)
         return str(local)
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise TeacherError(f"teacher {path!r} is neither an existing folder nor a Hub id like 'org/name'")
     return path
+
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def check_folder(folder: Path) -> None:
+    """A local teacher folder holds a readable config.json."""
+    import json
+
+    if not folder.is_dir():
+        raise TeacherError(f"teacher.path {folder} is a file; give the model's folder")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise TeacherError(f"teacher folder {folder} has no config.json: is it a Hugging Face model folder?")
+    try:
+        json.loads(config.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise TeacherError(
+            f"{config} is not valid JSON ({err}): the file is truncated or damaged; copy it again from the "
+            "model's source"
+        ) from None
+
+
+def check_weights(folder: Path) -> None:
+    """A local teacher folder holds weights transformers can load."""
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise TeacherError(
+            f"teacher folder {folder} has a config.json but no weights ({', '.join(WEIGHT_FILES)}): copy the "
+            "weight files in, or point teacher.path at the complete folder"
+        )
 
 
 def teacher_card(path: str) -> dict:
@@ -108,6 +141,21 @@ def teacher_card(path: str) -> dict:
     return {"teacher_hub_id": hub_id, "teacher_license": license_}
 
 
+def read_config(path: str) -> PretrainedConfig:
+    """The teacher's config, checked to be a family we convert (no weights read)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_path(path))
+    except OSError as err:
+        raise TeacherError(
+            f"cannot read the config of teacher {path!r} ({err.__class__.__name__}); offline, give a local folder "
+            f"with teacher.path=<folder>"
+        ) from None
+    family_of(config)
+    return config
+
+
 def load_teacher(
     path: str, dtype: str = "float32", empty: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -116,17 +164,12 @@ def load_teacher(
     `empty=True` reads no weights: the model is built from its config with its parameters on the meta device
     (buffers real), as FSDP2's processes other than rank 0 hold it until rank 0 broadcasts their shards."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     source = resolve_path(path)
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except OSError as err:
-        raise TeacherError(
-            f"cannot read the config of teacher {path!r} ({err.__class__.__name__}); offline, give a local folder "
-            f"with teacher.path=<folder>"
-        ) from None
-    family_of(config)
+    config = read_config(path)
+    if not empty and Path(source).is_dir():
+        check_weights(Path(source))
     if empty:
         model = load_empty(config, getattr(torch, dtype))
         try:  # what from_pretrained would read: greedy decoding must stop where rank 0's does

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from linearize.errors import LinearizeError
+
 MANIFEST = "manifest.json"
 FORMAT = "linearize-logit-cache/1"
 TMP_PREFIX = ".tmp-"
@@ -50,7 +52,7 @@ PROBE_TOL = 0.05
 the teacher re-run on it for the teacher to count as the one the cache was built from."""
 
 
-class LogitCacheError(ValueError):
+class LogitCacheError(LinearizeError, ValueError):
     """A cache that does not match the request or the data: the message names the mismatch and the fix."""
 
 

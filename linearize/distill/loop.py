@@ -19,6 +19,7 @@ from linearize import checkpoint
 from linearize.config import Recipe, StageConfig
 from linearize.data import IndexedBlocks
 from linearize.distributed import Placement, peak_over_processes
+from linearize.errors import Interrupted, LinearizeError
 
 if TYPE_CHECKING:
     from linearize.data import StreamedBlocks
@@ -77,7 +78,7 @@ def _first_nonfinite_layer(model: torch.nn.Module, batch: torch.Tensor, loss_fn)
     return found[0] if found else "none (every layer output is finite; the loss itself is not)"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(LinearizeError, RuntimeError):
     """A step produced something training cannot continue from (a NaN loss, say)."""
 
 
@@ -183,78 +184,97 @@ def train_stage(
         disable=not accelerator.is_main_process,
         mininterval=0.1 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not every step
     )
-    for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
-        step_loss = torch.zeros((), device=accelerator.device)
-        skip = ""  # why this step is skipped (a non-finite loss the recipe allows to skip), else ""
-        for micro in range(cfg.grad_accum):
-            batch = source.batch(step * cfg.grad_accum + micro).to(accelerator.device)
-            last = micro == cfg.grad_accum - 1
-            # under DeepSpeed, accelerator.backward() steps the engine when sync_gradients is set
-            accelerator.sync_gradients = last
-            with placement.micro_batch(model, last):
-                with accelerator.autocast():
-                    loss = loss_fn(model, batch)
-                if last and fault(step + 1, "nan"):
-                    loss = loss * float("nan")
-                # every rank learns whether any rank's loss is bad, so all stop together (no rank hangs)
-                bad = accelerator.reduce(torch.isfinite(loss.detach()).logical_not().float(), reduction="sum")
-                if bad.item():
-                    where = _first_nonfinite_layer(model, batch, loss_fn)
-                    skip = (
-                        f"stage {name}: non-finite loss on {int(bad.item())} of {accelerator.num_processes} "
-                        f"process(es) at step {step + 1} (micro-batch {micro}); on rank {rank}: loss "
-                        f"{loss.item()}, {source.describe()}, first non-finite output in {where}"
+    step = start
+    try:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            step_loss = torch.zeros((), device=accelerator.device)
+            skip = ""  # why this step is skipped (a non-finite loss the recipe allows to skip), else ""
+            for micro in range(cfg.grad_accum):
+                batch = source.batch(step * cfg.grad_accum + micro).to(accelerator.device)
+                last = micro == cfg.grad_accum - 1
+                # under DeepSpeed, accelerator.backward() steps the engine when sync_gradients is set
+                accelerator.sync_gradients = last
+                with placement.micro_batch(model, last):
+                    with accelerator.autocast():
+                        loss = loss_fn(model, batch)
+                    if last and fault(step + 1, "nan"):
+                        loss = loss * float("nan")
+                    # every rank learns whether any rank's loss is bad, so all stop together (no rank hangs)
+                    bad = accelerator.reduce(
+                        torch.isfinite(loss.detach()).logical_not().float(), reduction="sum"
                     )
-                    if skipped >= recipe.train.skip_nonfinite:
-                        raise TrainingError(
-                            f"{skip}. Lower stages.{name}.lr, use train.precision=fp32, check those blocks, or "
-                            f"let train.skip_nonfinite (now {recipe.train.skip_nonfinite}) skip such steps"
+                    if bad.item():
+                        where = _first_nonfinite_layer(model, batch, loss_fn)
+                        skip = (
+                            f"stage {name}: non-finite loss on {int(bad.item())} of {accelerator.num_processes} "
+                            f"process(es) at step {step + 1} (micro-batch {micro}); on rank {rank}: loss "
+                            f"{loss.item()}, {source.describe()}, first non-finite output in {where}"
                         )
-                    break
-                accelerator.backward(loss / cfg.grad_accum)
-            step_loss += loss.detach() / cfg.grad_accum
-        accelerator.sync_gradients = True  # also after a skipped step: zero_grad() clears only when set
-        fault(step + 1, "mid")
-        if skip:  # every rank saw the same all-reduced verdict: no rank steps, none waits
-            skipped += 1
-            placement.skip_step(model)
-            accelerator.print(f"[{name}] skipped ({skipped}/{recipe.train.skip_nonfinite}): {skip}")
-        else:
-            if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            last_loss = accelerator.reduce(step_loss, reduction="mean").item()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        tok_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix(loss=f"{last_loss:.4g}", tok_s=f"{tok_s:,.0f}", refresh=False)  # mininterval rules
-        bar.update(1)
-        if done % recipe.train.log_every == 0 or done == cfg.steps:
-            peak = peak_over_processes(accelerator)
-            log.append(
-                {
-                    "stage": name,
-                    "step": done,
-                    "loss": last_loss,
-                    "lr": scheduler.get_last_lr()[0],
-                    "tokens": done * tokens_per_step,
-                    "tok_s": tok_s,
-                    "peak_memory_gib": round(peak / 2**30, 3),
-                    **({"skipped": skip} if skip else {}),
-                }
-            )
-        if done % recipe.train.checkpoint_every == 0 or done == cfg.steps:
-            info = {"stage": name, "step": done, "loss": last_loss, "skipped": skipped}
-            _save(accelerator, ckpt_root, info, recipe, source, lambda d=done: fault(d, "save"))
-        fault(done, "after")
-    bar.close()
+                        if skipped >= recipe.train.skip_nonfinite:
+                            raise TrainingError(
+                                f"{skip}. Lower stages.{name}.lr, use train.precision=fp32, check those blocks, or "
+                                f"let train.skip_nonfinite (now {recipe.train.skip_nonfinite}) skip such steps"
+                            )
+                        break
+                    accelerator.backward(loss / cfg.grad_accum)
+                step_loss += loss.detach() / cfg.grad_accum
+            accelerator.sync_gradients = True  # also after a skipped step: zero_grad() clears only when set
+            fault(step + 1, "mid")
+            if skip:  # every rank saw the same all-reduced verdict: no rank steps, none waits
+                skipped += 1
+                placement.skip_step(model)
+                accelerator.print(f"[{name}] skipped ({skipped}/{recipe.train.skip_nonfinite}): {skip}")
+            else:
+                if cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                last_loss = accelerator.reduce(step_loss, reduction="mean").item()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            tok_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(
+                loss=f"{last_loss:.4g}", tok_s=f"{tok_s:,.0f}", refresh=False
+            )  # mininterval rules
+            bar.update(1)
+            if done % recipe.train.log_every == 0 or done == cfg.steps:
+                peak = peak_over_processes(accelerator)
+                log.append(
+                    {
+                        "stage": name,
+                        "step": done,
+                        "loss": last_loss,
+                        "lr": scheduler.get_last_lr()[0],
+                        "tokens": done * tokens_per_step,
+                        "tok_s": tok_s,
+                        "peak_memory_gib": round(peak / 2**30, 3),
+                        **({"skipped": skip} if skip else {}),
+                    }
+                )
+            if done % recipe.train.checkpoint_every == 0 or done == cfg.steps:
+                info = {"stage": name, "step": done, "loss": last_loss, "skipped": skipped}
+                _save(accelerator, ckpt_root, info, recipe, source, lambda d=done: fault(d, "save"))
+            fault(done, "after")
+    except KeyboardInterrupt:
+        raise interrupted(name, step, cfg.steps, ckpt_root) from None
+    finally:
+        bar.close()  # before any error message, which then stays the last line
     placement.finish_training(module)
     seconds = time.perf_counter() - began
     rate = (cfg.steps - start) * tokens_per_step / max(seconds, 1e-9)
     peak = peak_over_processes(accelerator)
     return StageResult(cfg.steps, cfg.steps * tokens_per_step, last_loss, seconds, rate, peak)
+
+
+def interrupted(name: str, step: int, steps: int, ckpt_root: Path) -> Interrupted:
+    """The Ctrl-C error of a stage: the step it stopped in and the step a rerun resumes from."""
+    found = checkpoint.latest(ckpt_root)
+    resume = f"step {found[0]} ({found[1]})" if found else f"the start of stage {name} (no checkpoint yet)"
+    return Interrupted(
+        f"interrupted (Ctrl-C) at step {step + 1}/{steps} of stage {name}; rerun the same command to resume "
+        f"from {resume}"
+    )
 
 
 def _save(accelerator, root: Path, info: dict, recipe: Recipe, source, fault=lambda: None) -> None:
@@ -278,14 +298,16 @@ def _save(accelerator, root: Path, info: dict, recipe: Recipe, source, fault=lam
             is_main=accelerator.is_main_process,
             barrier=accelerator.wait_for_everyone,
         )
-    except OSError as err:  # a full disk, a quota, a lost mount: the previous checkpoint is still whole
+    except checkpoint.SaveError as err:  # a full disk, a quota, a lost mount: the last checkpoint is whole
         previous = checkpoint.latest(root)
         kept = (
-            f"the last complete checkpoint {previous[1]} is intact" if previous else "no earlier checkpoint"
+            f"the last complete checkpoint, step {previous[0]} ({previous[1]}), is intact"
+            if previous
+            else "no earlier checkpoint of this stage exists"
         )
         raise TrainingError(
-            f"stage {stage}: could not write checkpoint {target} ({err.strerror or err}); {kept}. Free space "
-            f"under {root} and rerun the same command to resume"
-        ) from err
+            f"stage {stage}: could not write checkpoint {target}: {err.reason}; {kept}. Free space under {root} "
+            "and rerun the same command to resume"
+        ) from None
     if accelerator.is_main_process:
         checkpoint.prune(root, recipe.train.keep_checkpoints)

@@ -183,9 +183,12 @@ class MemoryEstimate:
             if getattr(self, part)
         )
 
-    def line(self) -> str:
-        """`[memory] attention: ~X GiB per device (weights a, ...), N steps, M tokens`."""
+    def line(self, verbose: bool = True) -> str:
+        """`[memory] attention: ~X GiB per device, Y available`; verbose: the parts, the sharding, the steps
+        and tokens too."""
         room = f", {size(self.device_memory)} available" if self.device_memory else ""
+        if not verbose:
+            return f"[memory] {self.stage}: ~{size(self.total)} per device{room}"
         processes = f"{self.num_processes} process{'es' if self.num_processes > 1 else ''}"
         return (
             f"[memory] {self.stage}: ~{size(self.total)} per device{room} ({self.parts()}; "
@@ -395,6 +398,9 @@ def _ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+VERBOSE_ENV = "LINEARIZE_VERBOSE"  # "1": `linearize -v ...` (the memory estimate's parts)
+
+
 def preflight(
     recipe: Recipe, model_config: PretrainedConfig, stages: list[str], accelerator: Accelerator
 ) -> list[MemoryEstimate]:
@@ -416,7 +422,7 @@ def preflight(
             sharding,
             kernels="fused" if fused else "chunked",
         )
-        accelerator.print(est.line())
+        accelerator.print(est.line(verbose=os.environ.get(VERBOSE_ENV) == "1"))
         found.append(est)
     for est in found:
         check_fits(est)

@@ -12,13 +12,14 @@ import functools
 import importlib
 from collections.abc import Callable
 
+from linearize.errors import LinearizeError
 from linearize.registry import EVAL_TASKS as TASKS
 from linearize.registry import LM_EVAL_PREFIX, LM_EVAL_TASK, is_eval_task
 
 __all__ = ["LM_EVAL_PREFIX", "TASKS", "EvalError", "check_task_name", "resolve_task"]
 
 
-class EvalError(ValueError):
+class EvalError(LinearizeError, ValueError):
     """An evaluation that cannot run: the message says what is wrong and what would be valid."""
 
 

@@ -27,9 +27,9 @@ class EvalSettings:
     """Seeds every generated sample (MQAR, passkey, cloze sampling)."""
     device: str = ""
     """Device to run on; empty: cuda when available, else cpu."""
-    cpu_threads: int = 1
-    """torch threads on CPU for the whole evaluation (1 avoids OpenMP spin-waiting on a loaded machine,
-    which makes small models 10x slower and timings unstable; 0: torch's default)."""
+    cpu_threads: int = 0
+    """torch threads on CPU for the whole evaluation; 0: torch's default, the count `convert` trains with
+    (1 avoids OpenMP spin-waiting on a machine busy with other jobs, which makes small models 10x slower)."""
     batch_size: int = 8
     """Sequences per forward pass."""
     ppl_data: list[str] = field(default_factory=list)

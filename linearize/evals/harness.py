@@ -114,6 +114,11 @@ def run_info(ctx: EvalContext, model_path: str, teacher_path: str) -> dict:
         }
     if ctx.run_dir is not None and (ctx.run_dir / "eval.json").is_file():
         info["run_eval"] = json.loads((ctx.run_dir / "eval.json").read_text())
+    if ctx.run_dir is not None and (ctx.run_dir / "metrics.jsonl").is_file():  # the loss curves
+        lines = (ctx.run_dir / "metrics.jsonl").read_text().splitlines()
+        info["training"] = [
+            {k: r[k] for k in ("stage", "step", "loss", "tokens") if k in r} for r in map(json.loads, lines)
+        ]
     return info
 
 

@@ -36,10 +36,11 @@ def _lm_eval():
 
 
 def numbers(metrics: dict) -> dict:
-    """lm-eval's metric entries ("acc,none": 0.5, "alias": ...) as {name: float}."""
+    """lm-eval's metric entries ("acc,none": 0.5, "acc_stderr,none": ...) as {name: float}. Only "metric,filter"
+    keys are metrics: bookkeeping numbers beside them ("sample_len", the count of documents) are left out."""
     out = {}
     for key, value in metrics.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "," in key and isinstance(value, (int, float)) and not isinstance(value, bool):
             out[key.replace(",none", "")] = float(value)
     return out
 

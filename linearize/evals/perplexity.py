@@ -96,12 +96,14 @@ def perplexity(
     batch_size: int = 8,
     max_blocks: int = 0,
     split: bool = False,
+    mask: Callable[[int, torch.device], torch.Tensor] | None = None,
 ) -> dict:
     """exp(mean next-token NLL) over `docs` packed into `seq_len` blocks (the last, shorter block too).
 
     Returns {"ppl", "nll", "tokens", "blocks"}; `tokens` counts predicted tokens (block length - 1 each).
     `split=True` (a model sharded over the processes, every process calling): each process scores its share
-    of the blocks (see `split_block_nll`).
+    of the blocks (see `split_block_nll`). `mask(seq_len, device)`: a [1, 1, T, T] boolean attention mask
+    given to the model (e.g. `sliding_window_mask`, the zero-training baseline).
     """
     blocks = pack(docs, seq_len, keep_remainder=True)
     if max_blocks:
@@ -113,7 +115,11 @@ def perplexity(
     device = next(model.parameters()).device
 
     def logits_fn(ids):
-        return model(input_ids=ids.to(device), use_cache=False).logits
+        ids = ids.to(device)
+        extra = (
+            {} if mask is None else {"attention_mask": mask(ids.shape[1], device).expand(len(ids), 1, -1, -1)}
+        )
+        return model(input_ids=ids, use_cache=False, **extra).logits
 
     if split:
         nll, tokens = split_block_nll(logits_fn, blocks, batch_size, device)

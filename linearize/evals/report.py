@@ -20,6 +20,16 @@ def _fmt(x, digits: int = 3) -> str:
     return str(x)
 
 
+CANNOT = 0.05  # a recall task on which the teacher's mean accuracy is below this is one it cannot do
+TASK_NAMES = {"mqar": "MQAR", "passkey": "passkey retrieval"}
+
+
+def teacher_cannot(task: dict) -> bool:
+    """The teacher's mean accuracy on a recall task is below CANNOT: the task measures nothing here."""
+    mean = task.get("teacher", {}).get("mean")
+    return mean is not None and mean < CANNOT
+
+
 def _ratio(student, teacher) -> str:
     return f"{student / teacher:.2f}" if student is not None and teacher else "–"
 
@@ -63,6 +73,14 @@ def header(info: dict) -> str:
 def markdown(results: dict) -> str:
     tasks = results["tasks"]
     parts = [header(results["info"])]
+    training = results["info"].get("training")
+    if training:
+        last = {r["stage"]: r for r in training if r.get("loss") is not None}
+        parts.append(
+            "## Training\n\n"
+            + ", ".join(f"stage {s}: last loss {r['loss']:.4g} at step {r['step']}" for s, r in last.items())
+            + " (the run's metrics.jsonl).\n\n![loss](loss.png)\n"
+        )
     ppl = ppl_results(tasks)
     if ppl:
         meta = ppl["meta"]
@@ -87,6 +105,18 @@ def markdown(results: dict) -> str:
             for li, length in enumerate(mq["lengths"])
             if mq["teacher"]["accuracy"][pi][li] is not None
         ]
+        unable = [kind for kind in ("mqar", "passkey") if teacher_cannot(recall[kind])]
+        notes = "".join(
+            f"\n**The teacher itself cannot do {TASK_NAMES[kind]}** (mean accuracy "
+            f"{_fmt(recall[kind]['teacher']['mean'], 3)}, below {CANNOT:g}): a student's number there says "
+            "nothing about the conversion, so it is not plotted.\n"
+            for kind in unable
+        )
+        plots = "".join(
+            f"\n![{TASK_NAMES[kind]}](recall_{kind}.png)\n"
+            for kind in ("mqar", "passkey")
+            if kind not in unable
+        )
         parts.append(
             "## Recall\n\n"
             f"MQAR: {mq['samples']} generated sequences per cell, every key queried once, argmax next token. "
@@ -94,16 +124,24 @@ def markdown(results: dict) -> str:
             f"lengths {recall['passkey']['lengths']} tokens, {recall['passkey']['samples']} prompts per cell, "
             "right when greedy decoding writes the whole number.\n\n"
             + _table(["task", *models], rows + cells)
-            + "\n![MQAR](recall_mqar.png)\n\n![passkey](recall_passkey.png)\n"
+            + notes
+            + plots
         )
     cloze = tasks.get("cloze")
     if cloze:
-        rows = [[m, cloze[m]["accuracy"], cloze[m]["word_ppl"]] for m in ("teacher", "student")]
-        rows.append(["ratio", _ratio(cloze["student"]["accuracy"], cloze["teacher"]["accuracy"]), "–"])
+        rows = [[m, cloze[m]["accuracy"], cloze[m]["token_ppl"]] for m in ("teacher", "student")]
+        rows.append(
+            [
+                "ratio",
+                _ratio(cloze["student"]["accuracy"], cloze["teacher"]["accuracy"]),
+                _ratio(cloze["student"]["token_ppl"], cloze["teacher"]["token_ppl"]),
+            ]
+        )
         parts.append(
             "## Cloze (last word)\n\n"
-            f"{cloze['meta']['passages']} passages from the {cloze['meta']['source']}; {cloze['meta']['scoring']}.\n\n"
-            + _table(["model", "accuracy", "word perplexity"], rows)
+            f"{cloze['meta']['passages']} passages from the {cloze['meta']['source']}; {cloze['meta']['scoring']}. "
+            "Perplexity is per token of the last words (a word of several tokens has the product of theirs).\n\n"
+            + _table(["model", "accuracy", "last-word perplexity per token"], rows)
         )
     speed = tasks.get("speed")
     if speed:
@@ -197,8 +235,12 @@ def _plots(results: dict, folder: Path) -> None:
     if ppl:
         models = [m for m in MODELS if m in ppl]
         fig, ax = plt.subplots(figsize=(6, 4))
+        base = ppl["teacher"]["ppl"]
         bars = ax.bar(models, [ppl[m]["ppl"] for m in models], color=[colors[m] for m in models])
-        ax.bar_label(bars, fmt="%.2f")
+        ax.bar_label(
+            bars, labels=[f"{ppl[m]['ppl']:.2f} ({ppl[m]['ppl'] / base:.2f}x teacher)" for m in models]
+        )
+        ax.set_ylim(0, max(ppl[m]["ppl"] for m in models) * 1.15)
         ax.set_title(
             f"Held-out perplexity ({ppl['meta']['mode']} mode, {ppl['meta']['seq_len']}-token windows)"
         )
@@ -214,6 +256,8 @@ def _plots(results: dict, folder: Path) -> None:
             ("passkey", "depths", "depth of the key"),
         ):
             data = recall[kind]
+            if teacher_cannot(data):
+                continue
             models = [m for m in MODELS if m in data]
             fig, axes = plt.subplots(
                 1, len(models), figsize=(4.5 * len(models) + 1, 4.2), squeeze=False, layout="constrained"
@@ -234,6 +278,21 @@ def _plots(results: dict, folder: Path) -> None:
             fig.suptitle(f"{'MQAR' if kind == 'mqar' else 'Passkey'} accuracy")
             fig.savefig(folder / f"recall_{kind}.png", dpi=110)
             plt.close(fig)
+    training = results["info"].get("training")
+    if training:
+        stages = list(dict.fromkeys(r["stage"] for r in training))
+        fig, axes = plt.subplots(1, len(stages), figsize=(5.5 * len(stages), 3.8), squeeze=False)
+        for ax, stage in zip(axes[0], stages):
+            rows = [r for r in training if r["stage"] == stage and r.get("loss") is not None]
+            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color="tab:orange")
+            ax.set_title(f"stage {stage}")
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel("training loss")
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(folder / "loss.png", dpi=110)
+        plt.close(fig)
     speed = tasks.get("speed")
     if speed:
         fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
@@ -266,6 +325,7 @@ def _plots(results: dict, folder: Path) -> None:
             ax.set_title(f"{title} ({speed['device']})")
             ax.set_xlabel("context length (tokens)")
             ax.set_ylabel(ylabel)
+            ax.set_ylim(bottom=0)
             ax.legend()
             ax.grid(alpha=0.3)
         fig.tight_layout()

@@ -330,7 +330,10 @@ def test_fsdp2_needs_the_whole_model_in_rank_0s_cpu_memory():
     check_host_memory([estimate(config, uncached, "logits", 32, 80 * GiB)], 256 * GiB)
 
 
-def test_convert_prints_the_estimate_and_refuses_a_run_that_does_not_fit(tmp_path, capsys):
+def test_convert_prints_the_estimate_and_refuses_a_run_that_does_not_fit(tmp_path, capsys, monkeypatch):
+    import re
+
+    from linearize.distill.memory import VERBOSE_ENV
     from linearize.pipeline import convert
 
     short = {
@@ -346,8 +349,12 @@ def test_convert_prints_the_estimate_and_refuses_a_run_that_does_not_fit(tmp_pat
             )
         )
     assert not (tmp_path / "no").exists()  # refused before the run folder is written
-    assert "[memory] attention" in capsys.readouterr().out  # printed before refusing
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[memory]")]
+    assert re.fullmatch(
+        r"\[memory\] attention: ~\S+ \S+ per device, 1\.0 KiB available", printed[0]
+    )  # one short line
 
+    monkeypatch.setenv(VERBOSE_ENV, "1")  # linearize -v: the parts too
     convert(load_recipe("tiny", {**short, "output_dir": str(tmp_path / "run")}))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[memory]")]
     assert [line.split(":")[0] for line in lines] == ["[memory] attention", "[memory] logits"]

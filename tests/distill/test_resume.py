@@ -66,6 +66,9 @@ def test_killed_run_resumes_to_the_same_result(reference, tmp_path, fault):
     assert a.keys() == b.keys()
     assert all((a[k] == b[k]).all() for k in a), [k for k in a if not (a[k] == b[k]).all()][:5]
     assert last_losses(out) == last_losses(reference)
+    # the same run in another folder writes the same bytes (no path in the safetensors metadata)
+    files = {p.name: p.read_bytes() for p in (reference / "final").glob("*.safetensors")}
+    assert files == {p.name: p.read_bytes() for p in (out / "final").glob("*.safetensors")}
 
 
 def test_rerun_of_a_finished_run_skips_the_stages(reference):

@@ -238,8 +238,8 @@ def test_a_full_disk_during_a_save_is_a_clear_error_and_keeps_the_last_checkpoin
     before = {p.name: sorted(q.name for q in p.iterdir()) for p in ckpts.iterdir()}
     with pytest.raises(
         TrainingError,
-        match=r"could not write checkpoint .*step-00000004 \(No space left on "
-        r"device\); the last complete checkpoint .*step-00000002 is intact",
+        match=r"could not write checkpoint .*step-00000004: the disk is full \(.* MB free under .*\); the last "
+        r"complete checkpoint, step 2 \(.*step-00000002\), is intact",
     ):
         run_stage(tmp_path, loss_fn, aligner, steps=4)
     assert {p.name: sorted(q.name for q in p.iterdir()) for p in ckpts.iterdir()} == before
