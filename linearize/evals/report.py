@@ -48,7 +48,7 @@ def header(info: dict) -> str:
         f"softmax layers {plan.get('softmax_layers') or 'none'}",
         f"- teacher: `{info['teacher']}`",
         f"- device: {info['device']} ({info['device_name']}), torch {info['torch']}, {info['cpu_threads']} CPU "
-        f"threads, {info['date']}",
+        f"thread{'s' if info['cpu_threads'] != 1 else ''} (training and evaluation alike), {info['date']}",
     ]
     recipe = info.get("recipe")
     if recipe:
