@@ -194,6 +194,100 @@ def time_form(op: Op, impl: str, B, T, H, D, device, dtype, min_time) -> tuple[f
     )
 
 
+def windowed_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """Causal softmax attention over the last `window` keys, [B, T, H, D] in and out: each block of `window`
+    queries attends to its own block and the one before through SDPA with a band mask (the softmax half of
+    the unfused window + linear pair)."""
+    B, T, H, D = q.shape
+    n = -(-T // window)
+    pad = n * window - T
+    q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)).view(B, n, window, H, D) for x in (q, k, v))
+    k, v = (torch.cat([F.pad(x, (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1], x], dim=2) for x in (k, v))
+    j, m = torch.arange(window, device=q.device)[:, None], torch.arange(2 * window, device=q.device)[None]
+    band = (m > j) & (m <= j + window)
+    mask = band.expand(n, window, 2 * window).clone()
+    mask[0, :, :window] = False  # the first block has no block before it
+    qs, ks, vs = (x.permute(0, 1, 3, 2, 4).reshape(B * n, H, -1, D) for x in (q, k, v))
+    mask = mask[None, :, None].expand(B, n, 1, window, 2 * window).reshape(B * n, 1, window, 2 * window)
+    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
+    return o.view(B, n, H, window, D).permute(0, 1, 3, 2, 4).reshape(B, n * window, H, D)[:, :T]
+
+
+def window_compare(seq_lens, tokens, H, D, device, dtype, min_time) -> list[dict]:
+    """window_linear's fused form against the unfused pair (linear attention + windowed SDPA) and against the
+    linear attention alone: fla's chunk_linear_attn on CUDA, our chunked linear_attn on CPU."""
+    from linearize.kernels import linear_attn
+
+    if device == "cuda":
+        from fla.ops.linear_attn import chunk_linear_attn
+
+        fused = "triton"
+    else:  # the code path only: CPU has neither fla nor our Triton kernel
+
+        def chunk_linear_attn(q, k, v, normalize=True):
+            return linear_attn(q, k, v, normalize=normalize, impl="chunked")
+
+        fused = "chunked"
+    op = next(o for o in load_ops(["window_linear"])[0])
+
+    def measure(T: int) -> dict:
+        B = max(1, tokens // T)
+        (q, k, v, fq, fk), kw = build(op, B, T, H, D, device, dtype)
+
+        def lin():
+            return chunk_linear_attn(fq, fk, v, normalize=True)[0]
+
+        def pair():
+            return lin() + windowed_sdpa(q, k, v, kw["window"])
+
+        def fwd_bwd(fn):
+            def go():
+                fn().sum().backward()
+
+            return go
+
+        row = dict(B=B, T=T, H=H, D=D, window=kw["window"], fused_form=fused)
+        row["triton_fwd_bwd_ms"] = timeit(
+            lambda: run(op, fused, [q, k, v, fq, fk], kw, True), device, min_time
+        )
+        row["pair_fwd_bwd_ms"] = timeit(fwd_bwd(pair), device, min_time)
+        row["chunk_linear_fwd_bwd_ms"] = timeit(fwd_bwd(lin), device, min_time)
+        print(
+            f"window_linear {fused} T={T:6d}: f+b {row['triton_fwd_bwd_ms']:.2f} ms, unfused pair "
+            f"{row['pair_fwd_bwd_ms']:.2f} ms, chunk_linear_attn {row['chunk_linear_fwd_bwd_ms']:.2f} ms"
+        )
+        return row
+
+    rows = [measure(T) for T in seq_lens]
+    return rows
+
+
+def decode_times(ops: list[Op], seq_lens, H, D, device, dtype, min_time) -> list[dict]:
+    """Per op, the time of one decode step (batch 1) from the state after a prefill of T tokens, next to
+    SDPA's one-query step over a KV cache of T keys."""
+    import linearize.kernels as kernels
+    from linearize.kernels.window_linear import window_linear_step
+
+    def measure(op: Op, impl: str, step: Callable, T: int) -> dict:
+        tensors, kw = build(op, 1, T, H, D, device, dtype)
+        with torch.no_grad():
+            _, state = op.fn(*tensors, impl=impl, output_final_state=True, **kw)
+            one = [x[:, -1:].detach() for x in tensors]
+            ms = timeit(lambda: step(*one, state, **kw), device, min_time)
+            q1 = torch.randn(1, H, 1, D, device=device, dtype=dtype)
+            kc, vc = (torch.randn(1, H, T, D, device=device, dtype=dtype) for _ in range(2))
+            sdpa = timeit(lambda: F.scaled_dot_product_attention(q1, kc, vc), device, min_time)
+        print(f"decode {op.name:18s} T={T:6d}: step {ms:.3f} ms, SDPA over the cache {sdpa:.3f} ms")
+        return dict(op=op.name, prefill_form=impl, T=T, H=H, D=D, step_ms=ms, sdpa_decode_ms=sdpa)
+
+    rows = []
+    for op in ops:
+        step = window_linear_step if op.name == "window_linear" else getattr(kernels, f"{op.name}_step")
+        impl = next((f for f in op.forms if f in op.cuda_only), "chunked") if device == "cuda" else "chunked"
+        rows += [measure(op, impl, step, T) for T in seq_lens]
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -212,6 +306,13 @@ def main(argv: list[str] | None = None) -> None:
         "--ref-max-t", type=int, default=2048, help="time the python-loop reference only up to here"
     )
     p.add_argument("--min-time", type=float, default=0.5, help="seconds of repeats per measurement")
+    p.add_argument("--forms", nargs="*", help="check and time only these forms (SDPA is always timed)")
+    p.add_argument(
+        "--window-compare",
+        action="store_true",
+        help="also time window_linear against the unfused pair and against chunk_linear_attn (first H:D)",
+    )
+    p.add_argument("--decode", action="store_true", help="also time one decode step vs context (first H:D)")
     args = p.parse_args(argv)
 
     device = args.device
@@ -245,7 +346,9 @@ def main(argv: list[str] | None = None) -> None:
     checks, rows = {}, []
     for op in ops:
         forms = ["reference"] + [f for f in op.forms if not (cpu and f in op.cuda_only)]
-        for impl in forms[1:]:
+        if args.forms:
+            forms = [f for f in forms if f in args.forms]
+        for impl in [f for f in forms if f != "reference"]:
             ok, msg = check_form(op, impl, device, dtype)
             checks[f"{op.name}/{impl}"] = {"ok": ok, "detail": msg}
             print(f"check {op.name:18s} {impl:8s} {'OK  ' if ok else 'FAIL'} {msg}")
@@ -270,8 +373,14 @@ def main(argv: list[str] | None = None) -> None:
                     rows.append(row)
                     print_row(row, header=len(rows) == 1)
 
+    out = {"meta": meta, "checks": checks, "results": rows}
+    H, D = shapes[0]
+    if args.window_compare:
+        out["window_compare"] = window_compare(seq_lens, tokens, H, D, device, dtype, args.min_time)
+    if args.decode:
+        out["decode"] = decode_times(ops, seq_lens, H, D, device, dtype, args.min_time)
     with open(args.out, "w") as fh:
-        json.dump({"meta": meta, "checks": checks, "results": rows}, fh, indent=1)
+        json.dump(out, fh, indent=1)
     print(f"wrote {args.out}")
 
 
