@@ -56,7 +56,8 @@ def plan(py: str, out: Path, stage: Path, carry_dir: Path) -> list[Step]:
     wheels = sorted(str(p) for p in (carry_dir / "wheels").glob("*.whl")) or [
         str(carry_dir / "wheels" / "*.whl")
     ]
-    pip = [py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir", "--upgrade"]
+    pip = [py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir"]
+    pip.append("--upgrade")  # a rerun on the same warm machine replaces the first install
     versions = (
         "import importlib.metadata as m, torch; print('cuda', torch.cuda.is_available(), torch.__version__); "
         "[print(p, m.version(p)) for p in ('transformers','huggingface_hub','datasets','flash-linear-attention',"
