@@ -307,6 +307,9 @@ def linearize_cli(*args: str, cwd: Path) -> subprocess.Popen:
         text=True,
         stdout=subprocess.PIPE,
         stderr=open(cwd / "stderr.txt", "w"),
+        # a shell starts background jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt:
+        # the child gets the default disposition whatever ran this test
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 

@@ -184,12 +184,12 @@ class MemoryEstimate:
         )
 
     def line(self, verbose: bool = True) -> str:
-        """`[memory] attention: ~X GiB per device, Y available`; verbose: the parts, the sharding, the steps
-        and tokens too."""
+        """`[memory] attention: ~X GiB per device, Y available (sharding, processes)`; verbose: the parts,
+        the steps and the tokens too."""
         room = f", {size(self.device_memory)} available" if self.device_memory else ""
-        if not verbose:
-            return f"[memory] {self.stage}: ~{size(self.total)} per device{room}"
         processes = f"{self.num_processes} process{'es' if self.num_processes > 1 else ''}"
+        if not verbose:
+            return f"[memory] {self.stage}: ~{size(self.total)} per device{room} ({self.sharding.name}, {processes})"
         return (
             f"[memory] {self.stage}: ~{size(self.total)} per device{room} ({self.parts()}; "
             f"{self.sharding.name}, {processes}), {self.steps:,} step{'s' if self.steps != 1 else ''}, "

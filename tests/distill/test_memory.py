@@ -350,9 +350,8 @@ def test_convert_prints_the_estimate_and_refuses_a_run_that_does_not_fit(tmp_pat
         )
     assert not (tmp_path / "no").exists()  # refused before the run folder is written
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[memory]")]
-    assert re.fullmatch(
-        r"\[memory\] attention: ~\S+ \S+ per device, 1\.0 KiB available", printed[0]
-    )  # one short line
+    one_line = r"\[memory\] attention: ~\S+ \S+ per device, 1\.0 KiB available \(single process, 1 process\)"
+    assert re.fullmatch(one_line, printed[0])
 
     monkeypatch.setenv(VERBOSE_ENV, "1")  # linearize -v: the parts too
     convert(load_recipe("tiny", {**short, "output_dir": str(tmp_path / "run")}))

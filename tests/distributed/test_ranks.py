@@ -220,6 +220,7 @@ def test_fsdp2_never_holds_the_whole_model_on_a_device_and_matches_one_process(t
         == set(fsdp)
         == {
             "teacher",
+            "sliding_window",
             "student_untrained",
             "student_after_attention",
             "student_after_layer_plan",

@@ -210,6 +210,24 @@ def test_low_precision_inputs(dtype):
     assert rel_rms(o_step, ref_o[:, :1]) < LOWP_TOL
 
 
+def test_chunked_under_bf16_autocast_trains_in_float32():
+    """Stage 2 runs the student under bf16 autocast: the chunked form keeps its float32 math inside (autocast
+    would otherwise make the forward's products bf16 and the written-out backward's float32, and crash), so
+    outputs and gradients match the float32 form run without autocast."""
+    B, T, H, K, V = 1, 200, 2, 16, 16  # chunks of 64: products of the 4x4 and larger levels
+    q, k, v, g, _ = make_inputs(B, T, H, K, V, False, seed=5)
+    do = torch.randn(B, T, H, V, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    results = []
+    for autocast in (False, True):
+        xs = leaves(q, k, v, dtype=torch.bfloat16) + leaves(g, dtype=torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            o, _ = gated_linear_attn_chunked(*xs)
+        (o.float() * do.float()).sum().backward()
+        results.append([o, *(x.grad for x in xs)])
+    for plain, cast in zip(*results):
+        assert cast.dtype == plain.dtype and rel_rms(cast, plain) < 1e-6
+
+
 @pytest.mark.parametrize("with_state", [True, False])
 def test_reference_matches_fla_naive(with_state):
     """Pins our semantics (decay before update, scale default, [B, H, K, V] state) to fla's, on CPU.

@@ -366,3 +366,20 @@ def test_bad_inputs_state_the_rule():
         gated_slot_attn_step(q[:, :1], k[:, :1], v[:, :1], s[:, :1], None, h0)
     with pytest.raises(ValueError, match=r"state must be a pair of shapes"):
         gated_slot_attn_step(q[:, :1], k[:, :1], v[:, :1], s[:, :1], g[:, :1], (h0[1], h0[0]))
+
+
+def test_chunked_under_bf16_autocast_trains_in_float32():
+    """As for gated_linear_attn: under bf16 autocast (stage 2) the chunked form keeps its float32 math, so its
+    written-out backward runs, and outputs and gradients equal the float32 form run without autocast."""
+    B, T, H, K, V, M = 1, 200, 2, 16, 16, 8
+    q, k, v, s, g, _ = make_inputs(B, T, H, K, V, M, False, seed=5)
+    do = torch.randn(B, T, H, V, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    results = []
+    for autocast in (False, True):
+        xs = leaves(q, k, v, s, dtype=torch.bfloat16) + leaves(g, dtype=torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            o, _ = gated_slot_attn_chunked(*xs)
+        (o.float() * do.float()).sum().backward()
+        results.append([o, *(x.grad for x in xs)])
+    for plain, cast in zip(*results):
+        assert cast.dtype == plain.dtype and rel_rms(cast, plain) < 1e-6

@@ -216,13 +216,16 @@ def gated_linear_attn_chunked(
     def head_major(x: torch.Tensor) -> torch.Tensor:
         return x.to(dtype).transpose(1, 2).contiguous()
 
-    o, S = gated_chunk_scan(
-        head_major(q) * scale,
-        head_major(k),
-        head_major(v),
-        head_major(g),
-        None,
-        None if initial_state is None else initial_state.to(dtype),
-        chunk_size,
-    )
+    # autocast off: it would run the forward's products in bf16 (not the float32 math above) while the
+    # written-out backward of _IntraChunk runs in float32, a dtype mismatch there
+    with torch.autocast(q.device.type, enabled=False):
+        o, S = gated_chunk_scan(
+            head_major(q) * scale,
+            head_major(k),
+            head_major(v),
+            head_major(g),
+            None,
+            None if initial_state is None else initial_state.to(dtype),
+            chunk_size,
+        )
     return o.transpose(1, 2).to(v.dtype), (S if output_final_state else None)

@@ -238,6 +238,9 @@ def gated_slot_attn_chunked(
 
     hk0, hv0 = (None, None) if initial_state is None else (x.to(dtype) for x in initial_state)
     s_h, g_h = head_major(s), head_major(g)
-    scores, hk = gated_chunk_scan(head_major(q) * scale, head_major(k), s_h, None, g_h, hk0, chunk_size)
-    o, hv = gated_chunk_scan(scores.softmax(-1), s_h, head_major(v), g_h, None, hv0, chunk_size)
+    # autocast off: it would run the forward's products in bf16 (not the float32 math above) while the
+    # written-out backward of the intra-chunk Function runs in float32, a dtype mismatch there
+    with torch.autocast(q.device.type, enabled=False):
+        scores, hk = gated_chunk_scan(head_major(q) * scale, head_major(k), s_h, None, g_h, hk0, chunk_size)
+        o, hv = gated_chunk_scan(scores.softmax(-1), s_h, head_major(v), g_h, None, hv0, chunk_size)
     return o.transpose(1, 2).to(v.dtype), ((hk, hv) if output_final_state else None)
