@@ -17,6 +17,26 @@ def test_options_lists_documented_keys(capsys):
     assert "stages.attention.steps" in capsys.readouterr().out
 
 
+def test_options_show_the_values_a_recipe_runs_with_and_every_choice(capsys):
+    import re
+
+    main(["options", "recipe=smollm2-135m-lolcats", "stages.logits.lr=0.002"])
+    out = capsys.readouterr().out
+    assert out.startswith("recipe smollm2-135m-lolcats:")
+    rows = {
+        line.split()[0]: line for line in out.splitlines() if line and not line.startswith((" ", "recipe"))
+    }
+    assert re.match(
+        r"student\.mixer +'window_linear' +choices: gated, gated_delta, gated_slot, linear",
+        rows["student.mixer"],
+    )
+    assert re.match(r"stages\.logits\.lr +0\.002$", rows["stages.logits.lr"])
+    assert "choices: float32, bfloat16, float16" in rows["teacher.dtype"]
+    assert "student.settings.window" in rows and "student.settings.num_slots" not in rows  # its mixer's only
+    starts = {line.index(line.split()[1]) for line in rows.values() if len(line.split()) > 1}
+    assert len(starts) == 1  # the values are aligned
+
+
 def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path):
     with pytest.raises(SystemExit, match="unknown command 'convrt'"):
         main(["convrt"])
