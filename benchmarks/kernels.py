@@ -11,6 +11,7 @@ swing by orders of magnitude (set OMP_WAIT_POLICY=PASSIVE when you raise --threa
 
 import argparse
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -178,6 +179,25 @@ def time_sdpa(B, T, H, D, device, dtype, min_time) -> tuple[float, float]:
 
     def fwd_bwd():
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+    return timeit(fwd, device, min_time), timeit(fwd_bwd, device, min_time)
+
+
+def time_flash(B, T, H, D, device, dtype, min_time) -> tuple[float, float] | None:
+    """flash-attention's causal forward and forward+backward ([B, T, H, D] layout), when the package is
+    installed and the device is CUDA; else None."""
+    if device != "cuda" or importlib.util.find_spec("flash_attn") is None:
+        return None
+    from flash_attn import flash_attn_func
+
+    q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+
+    def fwd():
+        with torch.no_grad():
+            flash_attn_func(q, k, v, causal=True)
+
+    def fwd_bwd():
+        flash_attn_func(q, k, v, causal=True).sum().backward()
 
     return timeit(fwd, device, min_time), timeit(fwd_bwd, device, min_time)
 
@@ -358,6 +378,7 @@ def main(argv: list[str] | None = None) -> None:
             for T in seq_lens:
                 B = max(1, tokens // T)
                 sdpa_f, sdpa_fb = time_sdpa(B, T, H, D, device, dtype, args.min_time)
+                flash = time_flash(B, T, H, D, device, dtype, args.min_time)
                 ref = None
                 for impl in forms:
                     if impl == "reference" and T > args.ref_max_t:
@@ -368,6 +389,9 @@ def main(argv: list[str] | None = None) -> None:
                     row = dict(op=op.name, form=impl, B=B, T=T, H=H, D=D, fwd_ms=f, fwd_bwd_ms=fb)
                     row["sdpa_fwd_ms"], row["sdpa_fwd_bwd_ms"] = sdpa_f, sdpa_fb
                     row["speedup_vs_sdpa_fwd"], row["speedup_vs_sdpa_fwd_bwd"] = sdpa_f / f, sdpa_fb / fb
+                    if flash is not None:  # flash-attention, where installed (CUDA)
+                        row["flash_fwd_ms"], row["flash_fwd_bwd_ms"] = flash
+                        row["speedup_vs_flash_fwd_bwd"] = flash[1] / fb
                     row["speedup_vs_reference_fwd"] = ref[0] / f if ref else None
                     row["speedup_vs_reference_fwd_bwd"] = ref[1] / fb if ref else None
                     rows.append(row)
