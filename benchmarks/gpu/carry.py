@@ -146,15 +146,20 @@ def check_wheels(wheels: Path, pins: dict[str, str], hashes: bool = True) -> lis
 
 
 def tree_size(repo: Path = REPO) -> int:
-    """Bytes of what the device tool always sends: tracked files plus untracked files git does not ignore."""
-    out = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=repo,
-        capture_output=True,
-        check=True,
-    ).stdout
+    """Bytes of what the device tool always sends: tracked files plus untracked files git does not ignore.
+    Outside a git checkout (a copied tree), every file but those of .git, .gpu, .venv and caches."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo, capture_output=True
+    )
+    if listed.returncode == 0:
+        names = filter(None, listed.stdout.decode().split("\0"))
+    else:
+        skip = {".git", ".gpu", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache"}
+        names = (
+            str(p.relative_to(repo)) for p in repo.rglob("*") if not skip & set(p.relative_to(repo).parts)
+        )
     total = 0
-    for rel in filter(None, out.decode().split("\0")):
+    for rel in names:
         p = repo / rel
         if p.is_file() and not p.is_symlink():
             total += p.stat().st_size
