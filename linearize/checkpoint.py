@@ -75,6 +75,13 @@ def write_atomic(
     barrier()
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` itself, or the nearest of its parents that exists (where a folder would be created)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def write_failure(err: BaseException, where: Path) -> str | None:
     """Why a save failed, in words ("the disk is full (12 MB free)"), when `err` is a failed write; None for
     any other error. A full disk reaches us as OSError from plain writes, `RuntimeError: ... unexpected pos
@@ -86,9 +93,7 @@ def write_failure(err: BaseException, where: Path) -> str | None:
     )
     if not write_error:
         return None
-    existing = where
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(where)
     free = shutil.disk_usage(existing).free
     if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < 64 * 2**20:
         return f"the disk is full ({free / 2**20:.0f} MB free under {existing})"

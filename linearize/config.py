@@ -606,12 +606,7 @@ class Recipe:
     """The launch the recipe was sized for: accelerate config, processes, nodes, hardware."""
 
     def __post_init__(self) -> None:
-        if (
-            not self.name
-            or self.name in (".", "..")
-            or any(c in self.name for c in "/\\")
-            or "\0" in self.name
-        ):
+        if self.name in ("", ".", "..") or set(self.name) & set("/\\\0"):
             raise RecipeError(
                 f"name={self.name!r} must be a plain folder name (no '/', '\\' or '..'): the run goes to "
                 "out/<name>; to write somewhere else set output_dir=<folder>"

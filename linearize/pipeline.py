@@ -44,9 +44,8 @@ from linearize.evals.harness import EvalSettings, evaluate
 from linearize.evals.perplexity import perplexity
 
 STAGES = ("attention", "logits")
-BASELINE_WINDOW, SINKS = 64, 4  # the zero-training baseline's window (the student's own, if it has one)
 REPORT_NAMES = {
-    "sliding_window": f"teacher, sliding window + {SINKS} sinks, no training",
+    "sliding_window": f"teacher, sliding window + {EvalSettings.sinks} sinks, no training",
     "student_untrained": "student, untrained",
     "student_after_attention": "student after stage attention",
     "student_after_logits": "student after stage logits",
@@ -102,9 +101,7 @@ def check_writable(run_dir: Path) -> None:
     no permission), before any work: a probe file is created and removed in its nearest existing folder."""
     import tempfile
 
-    existing = run_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = checkpoint.nearest_existing(run_dir)
     if not existing.is_dir():
         what = "output_dir" if existing == run_dir else f"output_dir {run_dir}: its parent"
         raise RecipeError(f"{what} {existing} is a file, not a folder; set output_dir=<a folder path>")
@@ -340,11 +337,12 @@ def evaluate_teacher(run: Run) -> None:
     logits_done = checkpoint.is_complete(run.run_dir / "logits" / "final")
     teacher = placement.evaluated_teacher(run.teacher)
     run.evaluate("teacher", lambda: teacher)
-    window = recipe.student.softmax_window or BASELINE_WINDOW
+    # the zero-training baseline as `linearize eval` scores it, with the student's own window if it has one
+    window = recipe.student.softmax_window or EvalSettings.window
     run.evaluate(
         "sliding_window",
         lambda: teacher,
-        mask=functools.partial(sliding_window_mask, window=window, sinks=SINKS),
+        mask=functools.partial(sliding_window_mask, window=window, sinks=EvalSettings.sinks),
     )
     run.teacher_sample = greedy_sample(teacher, run.tokenizer, run.prompt, synced=placement.sharded)
     if cfg.cache_k and cfg.steps and run.only != "attention" and not logits_done:

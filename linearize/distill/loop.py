@@ -234,9 +234,8 @@ def train_stage(
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             tok_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(
-                loss=f"{last_loss:.4g}", tok_s=f"{tok_s:,.0f}", refresh=False
-            )  # mininterval rules
+            # refresh=False: the bar's mininterval decides when it is drawn
+            bar.set_postfix(loss=f"{last_loss:.4g}", tok_s=f"{tok_s:,.0f}", refresh=False)
             bar.update(1)
             if done % recipe.train.log_every == 0 or done == cfg.steps:
                 peak = peak_over_processes(accelerator)
